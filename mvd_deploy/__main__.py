@@ -1,0 +1,3 @@
+from mvd_deploy.cli import main
+
+main()

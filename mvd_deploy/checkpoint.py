@@ -1,0 +1,222 @@
+"""The MobileVD checkpoint: a directory with ``config.json`` and ``unet.safetensors`` (train-time form).
+
+See docs/checkpoint-format.md. Weights load through safetensors only (never pickle), after every
+key, shape and dtype has been checked against the model the config describes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mvd_deploy.errors import MvdError
+from mvd_deploy.fileio import atomic_output_dir, check_output_dir, load_json, write_json
+from mvd_deploy.flops import with_resolved_gates
+from mvd_deploy.model.unet import MobileVDUNet
+from mvd_deploy.progress import Stages
+from mvd_deploy.recipe import ModelSpec, _read_unet, _Section, load_recipe, read_spec
+
+FORMAT = "mvd-deploy-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "unet.safetensors"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# Settings that do not change the graph: an SVD directory may differ from the recipe here.
+_UNET_KEYS_FREE = ("num_frames", "sample_size")
+
+
+@dataclass
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Names, shapes and dtypes from a safetensors file, reading no tensor data."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            infos = {}
+            for key in f.keys():
+                sl = f.get_slice(key)
+                infos[key] = TensorInfo(tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+            return infos
+    except FileNotFoundError:
+        raise MvdError(f"{path}: weights file not found") from None
+    except (SafetensorError, OSError) as e:
+        raise MvdError(f"{path}: not a readable safetensors file, truncated or corrupt ({_one_line(e)})") from None
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def check_weights(path: Path, header: dict[str, TensorInfo], model: torch.nn.Module, dtype: str) -> None:
+    """Keys, shapes and dtypes of ``header`` against ``model``'s state dict; first mismatch raises."""
+    expected = model.state_dict()
+    for key in expected:
+        if key not in header:
+            raise MvdError(f"{path}: key '{key}' is missing")
+    for key, info in header.items():
+        if key not in expected:
+            raise MvdError(f"{path}: key '{key}' is unexpected (not a parameter of this model)")
+        want = tuple(expected[key].shape)
+        if info.shape != want:
+            raise MvdError(f"{path}: key '{key}' has shape {list(info.shape)}, expected {list(want)}")
+        if info.dtype != dtype:
+            raise MvdError(f"{path}: key '{key}' has dtype {info.dtype}, expected {dtype}")
+
+
+def load_weights(path: Path, model: torch.nn.Module, dtype: str) -> None:
+    """Check, then load ``path`` into ``model`` (which may live on the meta device)."""
+    check_weights(path, read_safetensors_header(path), model, dtype)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            # clone(): safetensors' buffers are not 64-byte aligned, and CPU kernels take other
+            # (slower, differently rounded) paths on unaligned data; torch's allocator aligns.
+            state = {key: f.get_tensor(key).clone() for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise MvdError(f"{path}: cannot read weights ({_one_line(e)})") from None
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+# -- reading -------------------------------------------------------------------------------------
+@dataclass
+class CheckpointInfo:
+    path: Path
+    spec: ModelSpec
+    dtype: str
+    weights: dict[str, TensorInfo]
+
+
+def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
+    """Config and weight header of a checkpoint directory, all validated; no tensor data read."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MvdError(f"{path}: checkpoint directory not found")
+    config_path = path / CONFIG_FILE
+    data = load_json(config_path, "checkpoint config")
+    top = _Section(data, str(config_path))
+    fmt = top.get("format", str)
+    if fmt != FORMAT:
+        raise top.error("format", f"must be {FORMAT!r}, got {fmt!r}")
+    version = top.get("format_version", int)
+    if version != FORMAT_VERSION:
+        raise top.error("format_version", f"this mvd-deploy reads version {FORMAT_VERSION}, got {version}")
+    dtype = top.get("dtype", str)
+    if dtype not in _DTYPES:
+        raise top.error("dtype", f"must be one of {list(_DTYPES)}, got {dtype!r}")
+    weights_name = top.get("weights", str)
+    if Path(weights_name).name != weights_name:
+        raise top.error("weights", f"must be a file name inside the checkpoint directory, got {weights_name!r}")
+    spec = read_spec(top)
+    if spec.mobilevd.temporal_gates is None:
+        raise top.error("mobilevd.temporal_gates", "is missing (a checkpoint records every gate)")
+    top.finish()
+    weights = read_safetensors_header(path / weights_name)
+    return CheckpointInfo(path=path, spec=spec, dtype=dtype, weights=weights)
+
+
+def load_checkpoint(path: str | Path) -> tuple[MobileVDUNet, CheckpointInfo]:
+    """The train-time model with the checkpoint's weights (eval mode, CPU)."""
+    info = read_checkpoint_info(path)
+    model = MobileVDUNet.build(info.spec, device="meta")
+    load_weights(info.path / WEIGHTS_FILE, model, info.dtype)
+    return model.eval(), info
+
+
+# -- writing -------------------------------------------------------------------------------------
+def save_checkpoint(model: MobileVDUNet, out: str | Path) -> Path:
+    """Write ``model`` (with resolved gates in its spec) to the directory ``out``, atomically."""
+    spec = model.spec
+    if spec.mobilevd.temporal_gates is None:
+        raise ValueError("save_checkpoint needs a spec with resolved temporal gates")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    dtypes = {str(v.dtype).removeprefix("torch.") for v in state.values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"mixed dtypes in state dict: {sorted(dtypes)}")
+    out = Path(out)
+    with atomic_output_dir(out) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        write_json(
+            tmp / CONFIG_FILE,
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "dtype": dtypes.pop(),
+                "weights": WEIGHTS_FILE,
+                **spec.to_dict(),
+            },
+        )
+    return out
+
+
+def _svd_unet(unet_dir: Path, spec: ModelSpec) -> torch.nn.Module:
+    """A diffusers SVD UNet from a local directory (config.json + safetensors), checked against ``spec``."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    config_path = unet_dir / "config.json"
+    raw = load_json(config_path, "diffusers UNet config")
+    if not isinstance(raw, dict):
+        raise MvdError(f"{config_path}: must hold a JSON object")
+    section = _Section({k: v for k, v in raw.items() if not k.startswith("_")}, str(config_path))
+    config = _read_unet(section)
+    for key, value in config.items():
+        if key not in _UNET_KEYS_FREE and value != spec.unet[key]:
+            raise MvdError(f"{config_path}: key '{key}' is {value!r} but recipe {spec.source} has {spec.unet[key]!r}")
+    candidates = [
+        unet_dir / "diffusion_pytorch_model.safetensors",
+        unet_dir / "diffusion_pytorch_model.fp16.safetensors",
+    ]
+    weights = next((p for p in candidates if p.exists()), None)
+    if weights is None:
+        raise MvdError(f"{unet_dir}: no diffusion_pytorch_model[.fp16].safetensors (only safetensors weights are read)")
+    with torch.device("meta"):
+        base = UNetSpatioTemporalConditionModel(**{**spec.unet, **{k: config[k] for k in _UNET_KEYS_FREE}})
+    base.to("meta")
+    header = read_safetensors_header(weights)
+    dtype = next(iter(header.values())).dtype if header else "float32"
+    load_weights(weights, base, dtype)
+    return base.float()
+
+
+def init_checkpoint(
+    recipe: str | Path, out: str | Path, seed: int = 0, from_svd: str | Path | None = None, quiet: bool = False
+) -> dict:
+    """Make a train-time checkpoint from a recipe: deterministic random init, or from an SVD UNet."""
+    check_output_dir(Path(out))
+    stages = Stages(3, quiet=quiet)
+    with stages.stage(f"read recipe {recipe}"):
+        spec = with_resolved_gates(load_recipe(recipe))
+    if from_svd is not None:
+        with stages.stage(f"load SVD UNet from {from_svd}, funnels by coupled singular init"):
+            model = MobileVDUNet(_svd_unet(Path(from_svd), spec), spec)
+    else:
+        with stages.stage(f"random init (seed {seed}), funnels by coupled singular init"):
+            torch.manual_seed(seed)
+            model = MobileVDUNet.build(spec)
+    attentions = model.funnel_attentions(spec.mobilevd.funnel_layers)
+    with stages.stage(f"write {out}"):
+        save_checkpoint(model, out)
+    gates = spec.mobilevd.temporal_gates
+    return {
+        "checkpoint": str(out),
+        "recipe": str(recipe),
+        "seed": None if from_svd else seed,
+        "from_svd": str(from_svd) if from_svd else None,
+        "params": sum(p.numel() for p in model.parameters()),
+        "temporal_blocks_kept": sum(g.keep for g in gates.values()),
+        "temporal_blocks_pruned": sum(not g.keep for g in gates.values()),
+        "funnel_pairs": 2 * len(attentions),
+    }
+
+
+def replace_gates(spec: ModelSpec, keep: dict[str, bool]) -> ModelSpec:
+    """``spec`` with the given keep flags (importances unchanged)."""
+    gates = {n: dataclasses.replace(g, keep=keep.get(n, g.keep)) for n, g in spec.mobilevd.temporal_gates.items()}
+    return dataclasses.replace(spec, mobilevd=dataclasses.replace(spec.mobilevd, temporal_gates=gates))

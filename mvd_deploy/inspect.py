@@ -1,0 +1,144 @@
+"""``mvd-deploy inspect``: what a recipe or checkpoint is, and what one UNet call costs.
+
+Everything is computed on the meta device from the config (and, for a checkpoint, the safetensors
+header), so full-size models inspect in seconds without allocating weights.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from mvd_deploy.checkpoint import WEIGHTS_FILE, check_weights, read_checkpoint_info
+from mvd_deploy.errors import MvdError
+from mvd_deploy.flops import count_model_flops, with_resolved_gates
+from mvd_deploy.model.funnel import FunnelLinear
+from mvd_deploy.model.unet import MobileVDUNet
+from mvd_deploy.recipe import VAE_SCALE_FACTOR, load_recipe
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _part(name: str) -> str:
+    """Top-level part of the UNet a parameter/module belongs to: 'down_blocks.1', 'mid_block', 'conv_in'."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+
+
+def _temporal_gate(name: str, gates) -> str | None:
+    for gate in gates:
+        if name.startswith(gate + "."):
+            return gate
+    return None
+
+
+def inspect_model(target: str | Path) -> dict:
+    target = Path(target)
+    if target.is_dir():
+        info = read_checkpoint_info(target)
+        spec, kind, dtype = info.spec, "checkpoint", info.dtype
+    elif target.is_file():
+        spec, kind, dtype = with_resolved_gates(load_recipe(target)), "recipe", "float32"
+    else:
+        raise MvdError(f"{target}: no such recipe file or checkpoint directory")
+
+    model = MobileVDUNet.build(spec, device="meta")
+    if kind == "checkpoint":
+        check_weights(info.path / WEIGHTS_FILE, info.weights, model, dtype)
+    bytes_per = _BYTES[dtype]
+    gates = spec.mobilevd.temporal_gates
+    params_by_part: dict[str, int] = defaultdict(int)
+    funnel_params = temporal_params = 0
+    for name, p in model.named_parameters():
+        params_by_part[_part(name)] += p.numel()
+        if name.endswith(".funnel"):
+            funnel_params += p.numel()
+        if _temporal_gate(name, gates):
+            temporal_params += p.numel()
+    params = sum(params_by_part.values())
+
+    flops = count_model_flops(model)
+    flops_by_part: dict[str, int] = defaultdict(int)
+    for name, value in flops.per_module.items():
+        if "." not in name or (name.count(".") == 1 and name.split(".")[0] in ("down_blocks", "up_blocks")):
+            flops_by_part[_part(name)] += value
+
+    video = spec.mobilevd.video
+    h, w = video.height // VAE_SCALE_FACTOR, video.width // VAE_SCALE_FACTOR
+    frames = model.level_frames()
+    levels = [{"level": f"down_blocks.{i}", "frames": f, "latent_hw": [h >> i, w >> i]} for i, f in enumerate(frames)]
+    levels.append(
+        {"level": "mid_block", "frames": frames[-1], "latent_hw": [h >> (len(frames) - 1), w >> (len(frames) - 1)]}
+    )
+
+    funnels = [m for m in model.modules() if isinstance(m, FunnelLinear)]
+    kept = [n for n, g in gates.items() if g.keep]
+    return {
+        "source": str(target),
+        "kind": kind,
+        "name": spec.name,
+        "form": "train-time",
+        "params": params,
+        "bytes": params * bytes_per,
+        "dtype": dtype,
+        "components": {
+            "unet": {
+                "params": params,
+                "bytes": params * bytes_per,
+                "parts": dict(params_by_part),
+                "funnel_params": funnel_params,
+                "temporal_params": temporal_params,
+            }
+        },
+        "latent_shape": list(spec.latent_shape),
+        "nfe": spec.mobilevd.nfe,
+        "levels": levels,
+        "temporal_multiscaling": spec.mobilevd.temporal_multiscaling,
+        "funnels": {
+            "fun_factor": spec.mobilevd.fun_factor,
+            "layers": list(spec.mobilevd.funnel_layers),
+            "funnelled_linears": len(funnels),
+        },
+        "temporal_blocks": {
+            "total": len(gates),
+            "kept": len(kept),
+            "pruned": len(gates) - len(kept),
+            "kept_names": kept,
+        },
+        "flops": flops.total,
+        "tflops": flops.tflops,
+        "flops_by_part": dict(flops_by_part),
+    }
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f} {suffix}{unit}"
+    return f"{n:.0f} {unit}"
+
+
+def format_inspect(report: dict) -> str:
+    lines = [
+        f"{report['name']} ({report['kind']} {report['source']}, {report['form']} form)",
+        f"  parameters        {report['params']:,} ({_human(report['bytes'], 'B')}, {report['dtype']})",
+        f"  latent (B,F,C,H,W) {tuple(report['latent_shape'])}   NFE {report['nfe']}",
+        f"  FLOPs per UNet call {report['tflops']:.3f} T (FlopCounterMode, 2 per multiply-add, meta device)",
+        "  levels:",
+    ]
+    for level in report["levels"]:
+        h, w = level["latent_hw"]
+        lines.append(f"    {level['level']:<14} {level['frames']:>3} frames  {h}x{w}")
+    t = report["temporal_blocks"]
+    f = report["funnels"]
+    lines += [
+        f"  temporal blocks   {t['kept']} kept, {t['pruned']} pruned of {t['total']}"
+        f"   multiscaling {'on' if report['temporal_multiscaling'] else 'off'}",
+        f"  funnels           r={f['fun_factor']} on {', '.join(f['layers']) or 'none'}"
+        f" ({f['funnelled_linears']} funnelled linears)",
+        "  per part:            params        FLOPs",
+    ]
+    unet = report["components"]["unet"]
+    for part, n in unet["parts"].items():
+        lines.append(f"    {part:<16} {n:>12,}  {_human(report['flops_by_part'].get(part, 0))}")
+    return "\n".join(lines)

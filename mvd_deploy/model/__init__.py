@@ -1,0 +1,1 @@
+"""The MobileVD train-time model, built on diffusers' SVD UNet."""

@@ -1,0 +1,288 @@
+"""Model recipes (YAML in ``models/``) and the ``mobilevd`` section of a checkpoint's config.json.
+
+A recipe and a checkpoint describe the same thing, a :class:`ModelSpec`: the diffusers
+``UNetSpatioTemporalConditionModel`` config plus the MobileVD settings. A recipe says how to prune
+(``temporal_prune_fraction``); a checkpoint carries the resulting per-block gates. Both go through
+the same validation, and every failure names the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mvd_deploy.errors import MvdError
+
+FUNNEL_LAYER_KINDS = ("spatial_self_attention", "temporal_self_attention")
+TEMPORAL_BLOCK_KINDS = ("resnet", "transformer")
+VAE_SCALE_FACTOR = 8  # SVD's VAE: 8x spatial downsampling, 4 latent channels
+LATENT_CHANNELS = 4
+
+_MISSING = object()
+
+
+def _unet_defaults() -> dict[str, Any]:
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    params = inspect.signature(UNetSpatioTemporalConditionModel.__init__).parameters
+    return {
+        name: (list(p.default) if isinstance(p.default, tuple) else p.default)
+        for name, p in params.items()
+        if name != "self"
+    }
+
+
+class _Section:
+    """Reads one mapping of a recipe/config, naming ``source: key 'a.b'`` in every error."""
+
+    def __init__(self, data: Any, source: str, prefix: str = ""):
+        self.source, self.prefix = source, prefix
+        if not isinstance(data, dict):
+            raise self.error(prefix.rstrip(".") or "<top level>", f"must be a mapping, got {type(data).__name__}")
+        self.data = data
+        self.read: set[str] = set()
+
+    def error(self, key: str, why: str) -> MvdError:
+        return MvdError(f"{self.source}: key '{key}': {why}")
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+        self.read.add(name)
+        if name not in self.data:
+            if default is _MISSING:
+                raise self.error(self.key(name), "is missing")
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python; a recipe saying `frames: true` is a mistake.
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        elif float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        else:
+            ok = isinstance(value, kinds)
+        if not ok:
+            names = " or ".join(k.__name__ for k in kinds)
+            raise self.error(self.key(name), f"must be {names}, got {value!r}")
+        return value
+
+    def section(self, name: str, default: Any = _MISSING) -> _Section:
+        value = self.get(name, dict, default)
+        return _Section(value, self.source, self.key(name) + ".")
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.read)
+        if unknown:
+            raise self.error(self.key(unknown[0]), "is not a known setting (a typo?)")
+
+
+def _check(section: _Section, name: str, ok: bool, why: str) -> None:
+    if not ok:
+        raise section.error(section.key(name), why)
+
+
+@dataclass(frozen=True)
+class Video:
+    width: int
+    height: int
+    frames: int
+
+    def latent_shape(self, in_channels: int) -> tuple[int, int, int, int, int]:
+        """UNet sample shape, batch 1: (1, frames, in_channels, height/8, width/8)."""
+        return (1, self.frames, in_channels, self.height // VAE_SCALE_FACTOR, self.width // VAE_SCALE_FACTOR)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The values SVD feeds its time embeddings; fixed for a 1-step deployment.
+
+    ``timestep`` is SVD's c_noise = 0.25·ln(σ); ``fps_id`` is what SVD's pipeline passes (fps − 1).
+    """
+
+    timestep: float
+    fps_id: float
+    motion_bucket_id: float
+    noise_aug_strength: float
+
+    def added_time_ids(self) -> list[float]:
+        return [self.fps_id, self.motion_bucket_id, self.noise_aug_strength]
+
+
+@dataclass(frozen=True)
+class TemporalGate:
+    kind: str  # "resnet" | "transformer"
+    importance: float
+    keep: bool
+
+
+@dataclass
+class MobileVDConfig:
+    video: Video
+    nfe: int
+    conditioning: Conditioning
+    fun_factor: float
+    funnel_layers: tuple[str, ...]
+    temporal_multiscaling: bool
+    temporal_prune_fraction: float
+    # None until resolved: a recipe prunes cheapest-first; a checkpoint carries trained gates.
+    temporal_gates: dict[str, TemporalGate] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["funnel_layers"] = list(self.funnel_layers)
+        if self.temporal_gates is None:
+            del d["temporal_gates"]
+        return d
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    unet: dict[str, Any]  # complete diffusers UNetSpatioTemporalConditionModel config
+    mobilevd: MobileVDConfig
+    source: str = field(default="<memory>", compare=False)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.mobilevd.video.latent_shape(self.unet["in_channels"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "unet": self.unet, "mobilevd": self.mobilevd.to_dict()}
+
+
+def _read_video(s: _Section) -> Video:
+    video = Video(width=s.get("width", int), height=s.get("height", int), frames=s.get("frames", int))
+    for name in ("width", "height"):
+        value = getattr(video, name)
+        _check(
+            s,
+            name,
+            value > 0 and value % (VAE_SCALE_FACTOR * 8) == 0,
+            f"must be a positive multiple of 64 (8x VAE, 8x UNet), got {value}",
+        )
+    _check(s, "frames", video.frames >= 1, f"must be at least 1, got {video.frames}")
+    s.finish()
+    return video
+
+
+def _read_conditioning(s: _Section) -> Conditioning:
+    cond = Conditioning(
+        timestep=s.get("timestep", float),
+        fps_id=s.get("fps_id", float),
+        motion_bucket_id=s.get("motion_bucket_id", float),
+        noise_aug_strength=s.get("noise_aug_strength", float),
+    )
+    s.finish()
+    return cond
+
+
+def _read_gates(s: _Section) -> dict[str, TemporalGate]:
+    gates = {}
+    for name in s.data:
+        g = s.section(name)
+        kind = g.get("kind", str)
+        _check(g, "kind", kind in TEMPORAL_BLOCK_KINDS, f"must be one of {list(TEMPORAL_BLOCK_KINDS)}, got {kind!r}")
+        gates[name] = TemporalGate(kind=kind, importance=g.get("importance", float), keep=g.get("keep", bool))
+        g.finish()
+    return gates
+
+
+def _read_mobilevd(s: _Section) -> MobileVDConfig:
+    video = _read_video(s.section("video"))
+    nfe = s.get("nfe", int)
+    _check(s, "nfe", nfe >= 1, f"must be at least 1, got {nfe}")
+    conditioning = _read_conditioning(s.section("conditioning"))
+    fun_factor = s.get("fun_factor", float, 1.0)
+    _check(s, "fun_factor", 0.0 < fun_factor <= 1.0, f"must be in (0, 1], got {fun_factor}")
+    layers = s.get("funnel_layers", list, [])
+    for kind in layers:
+        _check(
+            s,
+            "funnel_layers",
+            kind in FUNNEL_LAYER_KINDS,
+            f"entries must be among {list(FUNNEL_LAYER_KINDS)}, got {kind!r}",
+        )
+    multiscaling = s.get("temporal_multiscaling", bool, False)
+    _check(
+        s,
+        "temporal_multiscaling",
+        not multiscaling or video.frames % 2 == 0,
+        f"needs an even frame count (video.frames is {video.frames})",
+    )
+    prune = s.get("temporal_prune_fraction", float, 0.0)
+    _check(s, "temporal_prune_fraction", 0.0 <= prune <= 1.0, f"must be in [0, 1], got {prune}")
+    gates = _read_gates(s.section("temporal_gates")) if "temporal_gates" in s.data else None
+    s.finish()
+    return MobileVDConfig(
+        video=video,
+        nfe=nfe,
+        conditioning=conditioning,
+        fun_factor=fun_factor,
+        funnel_layers=tuple(dict.fromkeys(layers)),
+        temporal_multiscaling=multiscaling,
+        temporal_prune_fraction=prune,
+        temporal_gates=gates,
+    )
+
+
+def _read_unet(s: _Section) -> dict[str, Any]:
+    config = _unet_defaults()
+    for name, value in s.data.items():
+        _check(s, name, name in config, "is not a UNetSpatioTemporalConditionModel setting (see diffusers' signature)")
+        config[name] = list(value) if isinstance(value, tuple) else value
+    s.read.update(s.data)
+    levels = len(config["block_out_channels"])
+    heads = config["num_attention_heads"]
+    heads = [heads] * levels if isinstance(heads, int) else heads
+    _check(s, "num_attention_heads", len(heads) == levels, f"needs one entry per level ({levels})")
+    for i, (width, h) in enumerate(zip(config["block_out_channels"], heads, strict=True)):
+        _check(
+            s,
+            "block_out_channels",
+            width % 32 == 0,
+            f"entry {i} ({width}) must be a multiple of 32 (GroupNorm with 32 groups)",
+        )
+        _check(
+            s, "num_attention_heads", width % h == 0, f"entry {i} ({h}) must divide block_out_channels[{i}] ({width})"
+        )
+    return config
+
+
+def read_spec(top: _Section, allow_gates: bool = True) -> ModelSpec:
+    """The model description in ``top`` (name, unet, mobilevd); the caller finishes ``top``."""
+    name = top.get("name", str)
+    top.get("description", str, "")
+    unet = _read_unet(top.section("unet", {}))
+    mobilevd = _read_mobilevd(top.section("mobilevd"))
+    if mobilevd.temporal_gates is not None and not allow_gates:
+        raise top.error("mobilevd.temporal_gates", "belongs in a checkpoint; a recipe sets temporal_prune_fraction")
+    return ModelSpec(name=name, unet=unet, mobilevd=mobilevd, source=top.source)
+
+
+def spec_from_dict(data: Any, source: str, allow_gates: bool = True) -> ModelSpec:
+    top = _Section(data, source)
+    spec = read_spec(top, allow_gates)
+    top.finish()
+    return spec
+
+
+def load_recipe(path: str | Path) -> ModelSpec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise MvdError(f"{path}: cannot read recipe ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise MvdError(f"{path}: not valid YAML{where}") from None
+    return spec_from_dict(data, str(path), allow_gates=False)
