@@ -18,11 +18,14 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(BIN)/pytest
 
-# The longest chain that exists: a full-size MobileVD checkpoint (random init), then inspect it.
+# The longest chain that exists: a full-size MobileVD checkpoint (random init), inspect it, the
+# paper's Table 8 stages on it, then every deploy pass, each exact one checked against its input.
 demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/mvd-deploy init-checkpoint --model models/mobilevd.yaml --out $(DEMO)/mobilevd-ckpt --seed 0
 	$(BIN)/mvd-deploy inspect $(DEMO)/mobilevd-ckpt
+	$(BIN)/mvd-deploy inspect $(DEMO)/mobilevd-ckpt --stages
+	$(BIN)/mvd-deploy passes $(DEMO)/mobilevd-ckpt
 
 bench: setup
 	$(BIN)/python bench/run.py

@@ -51,25 +51,63 @@ def bench_inspect() -> list[dict]:
     return rows
 
 
-def bench_init_checkpoint() -> dict:
+def bench_stages() -> list[dict]:
+    rows = []
+    for recipe in ("mobilevd", "mobilevd-hd"):
+        run = measure(["inspect", f"models/{recipe}.yaml", "--stages", "--json"])
+        for row in json.loads(run["stdout"]):
+            rows.append(
+                {
+                    "case": f"stages models/{recipe}.yaml",
+                    "stage": row["stage"],
+                    "tflops": round(row["tflops"], 3),
+                    "paper_tflops": row["paper_tflops"],
+                    "delta_pct": None if row["delta_pct"] is None else round(row["delta_pct"], 1),
+                    "params": row["params"],
+                }
+            )
+        rows.append({"case": f"inspect --stages models/{recipe}.yaml", "wall_s": run["wall_s"]})
+    return rows
+
+
+def bench_checkpoint_and_passes() -> list[dict]:
+    """init-checkpoint (full-size mobilevd), then all deploy passes on that checkpoint."""
     out = Path(tempfile.mkdtemp(prefix="mvd-bench-")) / "mobilevd-ckpt"
     try:
-        run = measure(["init-checkpoint", "--model", "models/mobilevd.yaml", "--out", str(out), "--json"])
+        init = measure(["init-checkpoint", "--model", "models/mobilevd.yaml", "--out", str(out), "--json"])
         weight_bytes = (out / "unet.safetensors").stat().st_size
+        passes = measure(["passes", str(out), "--json"])
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
-    return {
-        "case": "init-checkpoint models/mobilevd.yaml",
-        "wall_s": run["wall_s"],
-        "peak_rss_gb": round(run["peak_rss_bytes"] / 1e9, 2),
-        "weight_gb": round(weight_bytes / 1e9, 2),
-        "peak_over_weights": round(run["peak_rss_bytes"] / weight_bytes, 2),
-        "goal": "< 120 s, peak < 2.0x weights",
-    }
+    rows = []
+    for case, run, goal_s, goal_ratio in (
+        ("init-checkpoint models/mobilevd.yaml", init, 120, 2.0),
+        ("passes (all 5, checked) on the mobilevd checkpoint", passes, 60, 1.3),
+    ):
+        rows.append(
+            {
+                "case": case,
+                "wall_s": run["wall_s"],
+                "peak_rss_gb": round(run["peak_rss_bytes"] / 1e9, 2),
+                "weight_gb": round(weight_bytes / 1e9, 2),
+                "peak_over_weights": round(run["peak_rss_bytes"] / weight_bytes, 2),
+                "goal": f"< {goal_s} s, peak < {goal_ratio}x weights",
+            }
+        )
+    for r in json.loads(passes["stdout"]):
+        rows.append(
+            {
+                "case": f"pass {r['name']}",
+                "gflops": f"{r['flops_before'] / 1e9:.1f} -> {r['flops_after'] / 1e9:.1f}",
+                "params": f"{r['params_before']} -> {r['params_after']}",
+                "rel_error": r["rel_error"],
+            }
+        )
+    return rows
 
 
 def main() -> None:
-    rows = bench_inspect() + [bench_init_checkpoint()]
+    rows = bench_inspect() + bench_stages() + bench_checkpoint_and_passes()
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "latest.json").write_text(json.dumps(rows, indent=2) + "\n")

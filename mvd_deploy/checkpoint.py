@@ -6,7 +6,6 @@ key, shape and dtype has been checked against the model the config describes.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +18,13 @@ from mvd_deploy.fileio import atomic_output_dir, check_output_dir, load_json, wr
 from mvd_deploy.flops import with_resolved_gates
 from mvd_deploy.model.unet import MobileVDUNet
 from mvd_deploy.progress import Stages
-from mvd_deploy.recipe import ModelSpec, _read_unet, _Section, load_recipe, read_spec
+from mvd_deploy.recipe import ConfigSection, ModelSpec, load_recipe, read_spec, read_unet_config
 
 FORMAT = "mvd-deploy-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "unet.safetensors"
+_MAP_WINDOW = 256 * 2**20
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # Settings that do not change the graph: an SVD directory may differ from the recipe here.
@@ -74,12 +74,21 @@ def check_weights(path: Path, header: dict[str, TensorInfo], model: torch.nn.Mod
 
 def load_weights(path: Path, model: torch.nn.Module, dtype: str) -> None:
     """Check, then load ``path`` into ``model`` (which may live on the meta device)."""
-    check_weights(path, read_safetensors_header(path), model, dtype)
+    header = read_safetensors_header(path)
+    check_weights(path, header, model, dtype)
+    keys, state = list(header), {}
     try:
-        with safe_open(str(path), framework="pt") as f:
-            # clone(): safetensors' buffers are not 64-byte aligned, and CPU kernels take other
-            # (slower, differently rounded) paths on unaligned data; torch's allocator aligns.
-            state = {key: f.get_tensor(key).clone() for key in f.keys()}
+        # safetensors maps the file; pages read through the map count as ours until it closes, so
+        # reopen every _MAP_WINDOW bytes: peak memory stays near the weights' size, not twice it.
+        while len(state) < len(keys):
+            with safe_open(str(path), framework="pt") as f:
+                window = 0
+                while len(state) < len(keys) and window < _MAP_WINDOW:
+                    key = keys[len(state)]
+                    # clone(): safetensors' buffers are not 64-byte aligned, and CPU kernels take other
+                    # (slower, differently rounded) paths on unaligned data; torch's allocator aligns.
+                    state[key] = f.get_tensor(key).clone()
+                    window += state[key].nbytes
     except (SafetensorError, OSError) as e:
         raise MvdError(f"{path}: cannot read weights ({_one_line(e)})") from None
     model.load_state_dict(state, strict=True, assign=True)
@@ -101,7 +110,7 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         raise MvdError(f"{path}: checkpoint directory not found")
     config_path = path / CONFIG_FILE
     data = load_json(config_path, "checkpoint config")
-    top = _Section(data, str(config_path))
+    top = ConfigSection(data, str(config_path))
     fmt = top.get("format", str)
     if fmt != FORMAT:
         raise top.error("format", f"must be {FORMAT!r}, got {fmt!r}")
@@ -164,25 +173,28 @@ def _svd_unet(unet_dir: Path, spec: ModelSpec) -> torch.nn.Module:
     raw = load_json(config_path, "diffusers UNet config")
     if not isinstance(raw, dict):
         raise MvdError(f"{config_path}: must hold a JSON object")
-    section = _Section({k: v for k, v in raw.items() if not k.startswith("_")}, str(config_path))
-    config = _read_unet(section)
+    section = ConfigSection({k: v for k, v in raw.items() if not k.startswith("_")}, str(config_path))
+    config = read_unet_config(section)
     for key, value in config.items():
         if key not in _UNET_KEYS_FREE and value != spec.unet[key]:
             raise MvdError(f"{config_path}: key '{key}' is {value!r} but recipe {spec.source} has {spec.unet[key]!r}")
-    candidates = [
-        unet_dir / "diffusion_pytorch_model.safetensors",
-        unet_dir / "diffusion_pytorch_model.fp16.safetensors",
-    ]
-    weights = next((p for p in candidates if p.exists()), None)
-    if weights is None:
-        raise MvdError(f"{unet_dir}: no diffusion_pytorch_model[.fp16].safetensors (only safetensors weights are read)")
     with torch.device("meta"):
         base = UNetSpatioTemporalConditionModel(**{**spec.unet, **{k: config[k] for k in _UNET_KEYS_FREE}})
-    base.to("meta")
+    return load_diffusers_weights(unet_dir, base.to("meta"))
+
+
+def load_diffusers_weights(directory: Path, model: torch.nn.Module) -> torch.nn.Module:
+    """Load a diffusers model directory's safetensors weights (fp32, or the fp16 variant) as float32."""
+    candidates = [directory / f"diffusion_pytorch_model{v}.safetensors" for v in ("", ".fp16")]
+    weights = next((p for p in candidates if p.exists()), None)
+    if weights is None:
+        raise MvdError(
+            f"{directory}: no diffusion_pytorch_model[.fp16].safetensors (only safetensors weights are read)"
+        )
     header = read_safetensors_header(weights)
     dtype = next(iter(header.values())).dtype if header else "float32"
-    load_weights(weights, base, dtype)
-    return base.float()
+    load_weights(weights, model, dtype)
+    return model.float()
 
 
 def init_checkpoint(
@@ -214,9 +226,3 @@ def init_checkpoint(
         "temporal_blocks_pruned": sum(not g.keep for g in gates.values()),
         "funnel_pairs": 2 * len(attentions),
     }
-
-
-def replace_gates(spec: ModelSpec, keep: dict[str, bool]) -> ModelSpec:
-    """``spec`` with the given keep flags (importances unchanged)."""
-    gates = {n: dataclasses.replace(g, keep=keep.get(n, g.keep)) for n, g in spec.mobilevd.temporal_gates.items()}
-    return dataclasses.replace(spec, mobilevd=dataclasses.replace(spec.mobilevd, temporal_gates=gates))

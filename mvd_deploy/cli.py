@@ -64,10 +64,53 @@ def init_checkpoint_cmd(recipe, out, seed, from_svd, as_json):
 
 @main.command("inspect")
 @click.argument("target", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--stages", is_flag=True, help="FLOPs after each optimisation, in the paper's order (Table 8).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (an object; a list of rows with --stages).")
 @_user_errors
-def inspect_cmd(target, as_json):
+def inspect_cmd(target, stages, as_json):
     """Parameters, shapes, temporal blocks and FLOPs of a recipe or checkpoint."""
-    from mvd_deploy.inspect import format_inspect, inspect_model
+    from mvd_deploy.inspect import format_inspect, inspect_model, inspect_stages
+    from mvd_deploy.stages import format_stage_table
 
-    _emit(inspect_model(target), as_json, format_inspect)
+    if stages:
+        _emit(inspect_stages(target), as_json, lambda rows: format_stage_table(rows, f"{target}: FLOPs per UNet call"))
+    else:
+        _emit(inspect_model(target), as_json, format_inspect)
+
+
+def _pass_list(value: str | None) -> list[str] | None:
+    return None if value is None else [name.strip() for name in value.split(",") if name.strip()]
+
+
+@main.command("passes")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--passes", "passes", help="Comma-separated pass list (default: the checkpoint's deploy_passes).")
+@click.option(
+    "--keep-conditioning-inputs",
+    is_flag=True,
+    help="Leave out fold_conditioning: timestep and added_time_ids stay inputs.",
+)
+@click.option(
+    "--taesd",
+    "taesd_dir",
+    type=click.Path(file_okay=False),
+    help="Local diffusers AutoencoderTiny directory (default: random init).",
+)
+@click.option("--decoder-seed", default=0, show_default=True, type=int, help="Seed of a random-init TAESD.")
+@click.option(
+    "--tolerance",
+    default=1e-4,
+    show_default=True,
+    type=float,
+    help="Largest relative output change an exact pass may make.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the pass log as JSON.")
+@_user_errors
+def passes_cmd(checkpoint, passes, keep_conditioning_inputs, taesd_dir, decoder_seed, tolerance, as_json):
+    """Run the deploy passes on a checkpoint and check each exact one (writes nothing)."""
+    from mvd_deploy.deploy import deploy, format_pass_log
+
+    _, results, _ = deploy(
+        checkpoint, _pass_list(passes), keep_conditioning_inputs, taesd_dir, decoder_seed, tolerance=tolerance
+    )
+    _emit([r.to_dict() for r in results], as_json, lambda _: format_pass_log(results))

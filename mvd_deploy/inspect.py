@@ -32,15 +32,27 @@ def _temporal_gate(name: str, gates) -> str | None:
     return None
 
 
-def inspect_model(target: str | Path) -> dict:
-    target = Path(target)
+def _read_target(target: Path):
+    """(spec with gates, kind, dtype, checkpoint info or None) of a recipe file or checkpoint directory."""
     if target.is_dir():
         info = read_checkpoint_info(target)
-        spec, kind, dtype = info.spec, "checkpoint", info.dtype
-    elif target.is_file():
-        spec, kind, dtype = with_resolved_gates(load_recipe(target)), "recipe", "float32"
-    else:
-        raise MvdError(f"{target}: no such recipe file or checkpoint directory")
+        return info.spec, "checkpoint", info.dtype, info
+    if target.is_file():
+        return with_resolved_gates(load_recipe(target)), "recipe", "float32", None
+    raise MvdError(f"{target}: no such recipe file or checkpoint directory")
+
+
+def inspect_stages(target: str | Path) -> list[dict]:
+    """The paper's Table 8 stages for a recipe or checkpoint (its own gates, funnels, multiscaling)."""
+    from mvd_deploy.stages import stage_table
+
+    spec, *_ = _read_target(Path(target))
+    return stage_table(spec)
+
+
+def inspect_model(target: str | Path) -> dict:
+    target = Path(target)
+    spec, kind, dtype, info = _read_target(target)
 
     model = MobileVDUNet.build(spec, device="meta")
     if kind == "checkpoint":

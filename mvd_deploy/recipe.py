@@ -26,7 +26,7 @@ LATENT_CHANNELS = 4
 _MISSING = object()
 
 
-def _unet_defaults() -> dict[str, Any]:
+def unet_defaults() -> dict[str, Any]:
     from diffusers import UNetSpatioTemporalConditionModel
 
     params = inspect.signature(UNetSpatioTemporalConditionModel.__init__).parameters
@@ -37,7 +37,7 @@ def _unet_defaults() -> dict[str, Any]:
     }
 
 
-class _Section:
+class ConfigSection:
     """Reads one mapping of a recipe/config, naming ``source: key 'a.b'`` in every error."""
 
     def __init__(self, data: Any, source: str, prefix: str = ""):
@@ -73,9 +73,9 @@ class _Section:
             raise self.error(self.key(name), f"must be {names}, got {value!r}")
         return value
 
-    def section(self, name: str, default: Any = _MISSING) -> _Section:
+    def section(self, name: str, default: Any = _MISSING) -> ConfigSection:
         value = self.get(name, dict, default)
-        return _Section(value, self.source, self.key(name) + ".")
+        return ConfigSection(value, self.source, self.key(name) + ".")
 
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self.read)
@@ -83,7 +83,7 @@ class _Section:
             raise self.error(self.key(unknown[0]), "is not a known setting (a typo?)")
 
 
-def _check(section: _Section, name: str, ok: bool, why: str) -> None:
+def _check(section: ConfigSection, name: str, ok: bool, why: str) -> None:
     if not ok:
         raise section.error(section.key(name), why)
 
@@ -131,12 +131,18 @@ class MobileVDConfig:
     funnel_layers: tuple[str, ...]
     temporal_multiscaling: bool
     temporal_prune_fraction: float
+    # The deploy passes, in order (mvd_deploy.passes); None means all of them.
+    deploy_passes: tuple[str, ...] | None = None
     # None until resolved: a recipe prunes cheapest-first; a checkpoint carries trained gates.
     temporal_gates: dict[str, TemporalGate] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["funnel_layers"] = list(self.funnel_layers)
+        if self.deploy_passes is None:
+            del d["deploy_passes"]
+        else:
+            d["deploy_passes"] = list(self.deploy_passes)
         if self.temporal_gates is None:
             del d["temporal_gates"]
         return d
@@ -157,7 +163,7 @@ class ModelSpec:
         return {"name": self.name, "unet": self.unet, "mobilevd": self.mobilevd.to_dict()}
 
 
-def _read_video(s: _Section) -> Video:
+def _read_video(s: ConfigSection) -> Video:
     video = Video(width=s.get("width", int), height=s.get("height", int), frames=s.get("frames", int))
     for name in ("width", "height"):
         value = getattr(video, name)
@@ -172,7 +178,7 @@ def _read_video(s: _Section) -> Video:
     return video
 
 
-def _read_conditioning(s: _Section) -> Conditioning:
+def _read_conditioning(s: ConfigSection) -> Conditioning:
     cond = Conditioning(
         timestep=s.get("timestep", float),
         fps_id=s.get("fps_id", float),
@@ -183,7 +189,7 @@ def _read_conditioning(s: _Section) -> Conditioning:
     return cond
 
 
-def _read_gates(s: _Section) -> dict[str, TemporalGate]:
+def _read_gates(s: ConfigSection) -> dict[str, TemporalGate]:
     gates = {}
     for name in s.data:
         g = s.section(name)
@@ -194,7 +200,7 @@ def _read_gates(s: _Section) -> dict[str, TemporalGate]:
     return gates
 
 
-def _read_mobilevd(s: _Section) -> MobileVDConfig:
+def _read_mobilevd(s: ConfigSection) -> MobileVDConfig:
     video = _read_video(s.section("video"))
     nfe = s.get("nfe", int)
     _check(s, "nfe", nfe >= 1, f"must be at least 1, got {nfe}")
@@ -218,6 +224,14 @@ def _read_mobilevd(s: _Section) -> MobileVDConfig:
     )
     prune = s.get("temporal_prune_fraction", float, 0.0)
     _check(s, "temporal_prune_fraction", 0.0 <= prune <= 1.0, f"must be in [0, 1], got {prune}")
+    deploy_passes = s.get("deploy_passes", list, None)
+    if deploy_passes is not None:
+        from mvd_deploy.passes import PASSES
+
+        for name in deploy_passes:
+            _check(s, "deploy_passes", name in PASSES, f"{name!r} is not a pass; known: {', '.join(PASSES)}")
+        _check(s, "deploy_passes", len(set(deploy_passes)) == len(deploy_passes), "names a pass twice")
+        deploy_passes = tuple(deploy_passes)
     gates = _read_gates(s.section("temporal_gates")) if "temporal_gates" in s.data else None
     s.finish()
     return MobileVDConfig(
@@ -228,12 +242,13 @@ def _read_mobilevd(s: _Section) -> MobileVDConfig:
         funnel_layers=tuple(dict.fromkeys(layers)),
         temporal_multiscaling=multiscaling,
         temporal_prune_fraction=prune,
+        deploy_passes=deploy_passes,
         temporal_gates=gates,
     )
 
 
-def _read_unet(s: _Section) -> dict[str, Any]:
-    config = _unet_defaults()
+def read_unet_config(s: ConfigSection) -> dict[str, Any]:
+    config = unet_defaults()
     for name, value in s.data.items():
         _check(s, name, name in config, "is not a UNetSpatioTemporalConditionModel setting (see diffusers' signature)")
         config[name] = list(value) if isinstance(value, tuple) else value
@@ -255,11 +270,11 @@ def _read_unet(s: _Section) -> dict[str, Any]:
     return config
 
 
-def read_spec(top: _Section, allow_gates: bool = True) -> ModelSpec:
+def read_spec(top: ConfigSection, allow_gates: bool = True) -> ModelSpec:
     """The model description in ``top`` (name, unet, mobilevd); the caller finishes ``top``."""
     name = top.get("name", str)
     top.get("description", str, "")
-    unet = _read_unet(top.section("unet", {}))
+    unet = read_unet_config(top.section("unet", {}))
     mobilevd = _read_mobilevd(top.section("mobilevd"))
     if mobilevd.temporal_gates is not None and not allow_gates:
         raise top.error("mobilevd.temporal_gates", "belongs in a checkpoint; a recipe sets temporal_prune_fraction")
@@ -267,7 +282,7 @@ def read_spec(top: _Section, allow_gates: bool = True) -> ModelSpec:
 
 
 def spec_from_dict(data: Any, source: str, allow_gates: bool = True) -> ModelSpec:
-    top = _Section(data, source)
+    top = ConfigSection(data, source)
     spec = read_spec(top, allow_gates)
     top.finish()
     return spec

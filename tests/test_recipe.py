@@ -50,6 +50,8 @@ BAD_RECIPES = [
     (lambda d: d["unet"].update(num_attention_heads=[3, 2, 4, 4]), "unet.num_attention_heads"),
     (lambda d: d["mobilevd"].update(temporal_gates={}), "mobilevd.temporal_gates"),
     (lambda d: d.pop("name"), "name"),
+    (lambda d: d["mobilevd"].update(deploy_passes=["merge_funnels", "quantize"]), "mobilevd.deploy_passes"),
+    (lambda d: d["mobilevd"].update(deploy_passes=["strip_temporal", "strip_temporal"]), "mobilevd.deploy_passes"),
 ]
 
 

@@ -16,6 +16,8 @@ from diffusers.models.resnet import SpatioTemporalResBlock
 from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
 from torch import nn
 
+from mvd_deploy.model.single_token import SingleTokenCrossAttention
+
 
 class GatedSpatioTemporalResBlock(SpatioTemporalResBlock):
     keep_temporal: bool = True
@@ -56,7 +58,8 @@ class GatedTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
         hidden_states = self.proj_in(hidden_states)
 
         if any_temporal:
-            # The temporal blocks attend to the first frame's context, broadcast to every pixel.
+            # The temporal blocks attend to the first frame's context, broadcast to every pixel
+            # (a single-token cross-attention takes it once per video instead).
             context = encoder_hidden_states[None, :].reshape(
                 batch_size, num_frames, -1, encoder_hidden_states.shape[-1]
             )[:, 0]
@@ -70,8 +73,12 @@ class GatedTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
         for i, block in enumerate(self.transformer_blocks):
             hidden_states = block(hidden_states, encoder_hidden_states=encoder_hidden_states)
             if self.keep_temporal[i]:
-                mixed = self.temporal_transformer_blocks[i](
-                    hidden_states + frame_emb, num_frames=num_frames, encoder_hidden_states=time_context
+                temporal_block = self.temporal_transformer_blocks[i]
+                single_token = isinstance(temporal_block.attn2, SingleTokenCrossAttention)
+                mixed = temporal_block(
+                    hidden_states + frame_emb,
+                    num_frames=num_frames,
+                    encoder_hidden_states=context if single_token else time_context,
                 )
                 hidden_states = self.time_mixer(
                     x_spatial=hidden_states, x_temporal=mixed, image_only_indicator=image_only_indicator

@@ -54,6 +54,8 @@ class MobileVDUNet(nn.Module):
         self.spec = spec
         for name in _DIFFUSERS_CHILDREN:
             setattr(self, name, getattr(base, name))
+        # Set by the fold_conditioning pass: the fixed time + added-time embedding, (1, time_embed_dim).
+        self.register_buffer("folded_emb", None)
         self.gate_kinds = install_gates(self)
         cfg = spec.mobilevd
         if cfg.temporal_multiscaling and len(self.down_blocks) < 2:
@@ -103,9 +105,18 @@ class MobileVDUNet(nn.Module):
         half = frames // 2 if self.spec.mobilevd.temporal_multiscaling else frames
         return [frames] + [half] * (len(self.down_blocks) - 1)
 
-    def example_inputs(self, batch: int = 1, seed: int = 0, device="cpu") -> dict[str, torch.Tensor]:
-        """Random inputs of the recipe's shape (meta tensors when device is "meta")."""
-        shape = (batch,) + self.spec.latent_shape[1:]
+    @property
+    def conditioning_folded(self) -> bool:
+        return self.folded_emb is not None
+
+    def example_inputs(
+        self, batch: int = 1, seed: int = 0, device="cpu", latent_hw: tuple[int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Random inputs of the recipe's shape, or another latent size (meta tensors on "meta").
+
+        The conditioning inputs are the recipe's fixed values, and absent once they are folded.
+        """
+        shape = (batch,) + self.spec.latent_shape[1:3] + (latent_hw or self.spec.latent_shape[3:])
         cond = self.spec.mobilevd.conditioning
         ctx = (batch, 1, self.spec.unet["cross_attention_dim"])
         if str(device) == "meta":
@@ -113,12 +124,11 @@ class MobileVDUNet(nn.Module):
         else:
             gen = torch.Generator().manual_seed(seed)
             sample, ehs = torch.randn(shape, generator=gen), torch.randn(ctx, generator=gen)
-        return {
-            "sample": sample.to(device),
-            "encoder_hidden_states": ehs.to(device),
-            "timestep": torch.tensor([cond.timestep], device=device),
-            "added_time_ids": torch.tensor([cond.added_time_ids()] * batch, device=device),
-        }
+        inputs = {"sample": sample.to(device), "encoder_hidden_states": ehs.to(device)}
+        if not self.conditioning_folded:
+            inputs["timestep"] = torch.tensor([cond.timestep], device=device)
+            inputs["added_time_ids"] = torch.tensor([cond.added_time_ids()] * batch, device=device)
+        return inputs
 
     # -- forward ---------------------------------------------------------------------------------
     def conditioning_embedding(self, timestep, added_time_ids, batch: int, dtype) -> torch.Tensor:
@@ -128,9 +138,12 @@ class MobileVDUNet(nn.Module):
         time_embeds = self.add_time_proj(added_time_ids.flatten()).reshape(batch, -1).to(emb.dtype)
         return emb + self.add_embedding(time_embeds)
 
-    def forward(self, sample, encoder_hidden_states, timestep, added_time_ids) -> torch.Tensor:
+    def forward(self, sample, encoder_hidden_states, timestep=None, added_time_ids=None) -> torch.Tensor:
         batch, frames = sample.shape[:2]
-        emb = self.conditioning_embedding(timestep, added_time_ids, batch, sample.dtype)
+        if self.conditioning_folded:
+            emb = self.folded_emb.expand(batch, -1)
+        else:
+            emb = self.conditioning_embedding(timestep, added_time_ids, batch, sample.dtype)
 
         def per_frame(n: int) -> dict:
             return {

@@ -1,0 +1,57 @@
+"""What every deploy pass is: a small unit with one contract, pipeline in, rewritten pipeline out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from torch import nn
+
+from mvd_deploy.errors import MvdError
+
+
+class PassError(MvdError):
+    """A pass cannot run here (impossible order or input), or broke equivalence."""
+
+
+@dataclass
+class PassOptions:
+    """Settings some passes read; every pass gets the same object."""
+
+    taesd_dir: Path | None = None  # local diffusers AutoencoderTiny directory; None → random init
+    decoder_seed: int = 0
+
+
+class DeployPipeline(nn.Module):
+    """What the passes rewrite: the MobileVD UNet and, once ``taesd_decoder`` ran, its decoder."""
+
+    def __init__(self, unet: nn.Module, decoder: nn.Module | None = None):
+        super().__init__()
+        self.unet = unet
+        self.decoder = decoder
+
+    def components(self) -> dict[str, nn.Module]:
+        return {name: m for name, m in (("unet", self.unet), ("decoder", self.decoder)) if m is not None}
+
+
+class Pass:
+    """Subclasses set ``name``, ``exact`` and ``component`` and implement ``run``.
+
+    ``run`` rewrites the pipeline in place and returns what it changed, in words ("" when nothing:
+    every pass is idempotent). ``why_not`` returns a reason when the pass cannot run on this
+    pipeline, checked by the manager before ``run``.
+    """
+
+    name: ClassVar[str]
+    exact: ClassVar[bool] = True
+    component: ClassVar[str] = "unet"
+
+    def __init__(self, options: PassOptions | None = None):
+        self.options = options or PassOptions()
+
+    def why_not(self, pipeline: DeployPipeline) -> str | None:
+        return None
+
+    def run(self, pipeline: DeployPipeline) -> str:
+        raise NotImplementedError

@@ -1,0 +1,246 @@
+"""Deploy passes: each exact on random weights, idempotent, and the manager's refusals."""
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import AutoencoderTiny
+
+from conftest import relative_error, tiny_spec
+from mvd_deploy.checkpoint import save_checkpoint
+from mvd_deploy.cli import main
+from mvd_deploy.model.single_token import SingleTokenCrossAttention
+from mvd_deploy.model.unet import MobileVDUNet
+from mvd_deploy.passes import DEFAULT_PASSES, DeployPipeline, Pass, PassError, PassOptions
+from mvd_deploy.passes.manager import make_passes, run_passes
+
+UNET_PASSES = [n for n in DEFAULT_PASSES if n != "taesd_decoder"]
+
+
+def _mixed_gates(spec):
+    """Every third temporal block kept: resnet and transformer units both kept and pruned."""
+    gates = {
+        name: dataclasses.replace(g, keep=i % 3 == 0)
+        for i, (name, g) in enumerate(spec.mobilevd.temporal_gates.items())
+    }
+    kinds = {(g.kind, g.keep) for g in gates.values()}
+    assert kinds == {("resnet", True), ("resnet", False), ("transformer", True), ("transformer", False)}
+    return dataclasses.replace(spec, mobilevd=dataclasses.replace(spec.mobilevd, temporal_gates=gates))
+
+
+@pytest.fixture
+def train_time_unet():
+    """Tiny train-time UNet with non-trivial (random, not CSI) funnels on all self-attention, mixed gates."""
+    spec = _mixed_gates(tiny_spec(funnel_layers=("spatial_self_attention", "temporal_self_attention")))
+    unet = MobileVDUNet.build(spec).eval()
+    with torch.no_grad():
+        for funnel in unet.funnels().values():
+            funnel.funnel.normal_(0, funnel.funnel.shape[1] ** -0.5)
+    return unet
+
+
+@pytest.mark.parametrize("name", UNET_PASSES)
+@torch.no_grad()
+def test_each_pass_is_exact_and_idempotent(train_time_unet, name):
+    before = copy.deepcopy(train_time_unet)
+    pipeline = DeployPipeline(train_time_unet)
+    [result] = run_passes(pipeline, make_passes([name]))
+    assert result.changed, f"{name} found nothing to do on the train-time model"
+    assert result.rel_error <= 1e-4  # fp32: GEMMs of other shapes round differently
+    # independent of the manager: compare with the untouched copy on other inputs
+    inputs = before.example_inputs(seed=11)
+    after_inputs = train_time_unet.example_inputs(seed=11)
+    reference, output = before(**inputs), train_time_unet(**after_inputs)
+    assert relative_error(output, reference) <= 1e-4
+    # idempotent: a second run changes nothing at all
+    [again] = run_passes(pipeline, make_passes([name]))
+    assert again.changed == "" and again.params_after == result.params_after
+    assert torch.equal(train_time_unet(**after_inputs), output)
+
+
+@pytest.mark.parametrize("name", UNET_PASSES)
+@torch.no_grad()
+def test_each_pass_is_exact_in_float64(train_time_unet, name):
+    """In float64 the fp32 rounding differences vanish: what is left is the rewrite's own error."""
+    unet = train_time_unet.double()
+    before = copy.deepcopy(unet)
+    for deploy_pass in make_passes([name]):
+        deploy_pass.run(DeployPipeline(unet))
+
+    def inputs(model):
+        return {k: v.double() for k, v in model.example_inputs(seed=6).items()}
+
+    assert relative_error(unet(**inputs(unet)), before(**inputs(before))) <= 1e-12
+
+
+@torch.no_grad()
+def test_all_passes_together_are_exact(train_time_unet):
+    before = copy.deepcopy(train_time_unet)
+    pipeline = DeployPipeline(train_time_unet)
+    results = run_passes(pipeline, make_passes(DEFAULT_PASSES))
+    assert [r.name for r in results] == list(DEFAULT_PASSES)
+    output = train_time_unet(**train_time_unet.example_inputs(seed=4))
+    assert relative_error(output, before(**before.example_inputs(seed=4))) <= 1e-4
+    assert results[-1].params_after > 0 and pipeline.decoder is not None
+
+
+@torch.no_grad()
+def test_merge_funnels_leaves_plain_linears_at_reduced_width(train_time_unet):
+    run_passes(DeployPipeline(train_time_unet), make_passes(["merge_funnels"]))
+    assert not train_time_unet.funnels()
+    attn = train_time_unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert type(attn.to_q) is torch.nn.Linear and attn.to_q.weight.shape == (16, 32)
+    assert attn.to_out[0].weight.shape == (32, 16)
+
+
+def test_strip_temporal_removes_exactly_the_pruned_blocks(train_time_unet):
+    gates = train_time_unet.spec.mobilevd.temporal_gates
+    names = {n for n, _ in train_time_unet.named_parameters()}
+    run_passes(DeployPipeline(train_time_unet), make_passes(["strip_temporal"]))
+    left = {n for n, _ in train_time_unet.named_parameters()}
+    for gate, g in gates.items():
+        had = any(n.startswith(gate + ".") for n in names)
+        has = any(n.startswith(gate + ".") for n in left)
+        assert had and has == g.keep, gate
+
+
+@torch.no_grad()
+def test_single_token_cross_attention_drops_q_and_k(train_time_unet):
+    [result] = run_passes(DeployPipeline(train_time_unet), make_passes(["single_token_cross_attention"]))
+    cross = [m for p, m in train_time_unet.named_modules() if p.endswith(".attn2")]
+    assert cross and all(isinstance(m, SingleTokenCrossAttention) for m in cross)
+    assert not any(".attn2.to_q" in n or ".attn2.to_k" in n for n, _ in train_time_unet.named_parameters())
+    assert result.flops_after < result.flops_before
+
+
+@torch.no_grad()
+def test_fold_conditioning_removes_the_conditioning_inputs(train_time_unet):
+    reference = train_time_unet(**train_time_unet.example_inputs(seed=2))
+    run_passes(DeployPipeline(train_time_unet), make_passes(["fold_conditioning"]))
+    inputs = train_time_unet.example_inputs(seed=2)
+    assert set(inputs) == {"sample", "encoder_hidden_states"}
+    assert relative_error(train_time_unet(**inputs), reference) <= 1e-4
+    assert train_time_unet.time_embedding is None and train_time_unet.add_embedding is None
+
+
+# -- the decoder --------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_taesd_decoder_decodes_every_frame(train_time_unet):
+    pipeline = DeployPipeline(train_time_unet)
+    run_passes(pipeline, make_passes(["taesd_decoder"], PassOptions(decoder_seed=3)))
+    latents = torch.randn(1, 14, 4, 8, 16)
+    frames = pipeline.decoder(latents)
+    assert frames.shape == (1, 14, 3, 64, 128)
+    assert frames.min() >= 0 and frames.max() <= 1
+    # frames are batched, not mixed: frame 5 decodes alone to the same pixels
+    alone = pipeline.decoder(latents[:, 5:6])
+    torch.testing.assert_close(alone[0, 0], frames[0, 5], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_taesd_decoder_from_local_directory(tmp_path, train_time_unet):
+    torch.manual_seed(7)
+    taesd = AutoencoderTiny().eval()
+    taesd.save_pretrained(tmp_path / "taesd", safe_serialization=True)
+    pipeline = DeployPipeline(train_time_unet)
+    [result] = run_passes(pipeline, make_passes(["taesd_decoder"], PassOptions(taesd_dir=tmp_path / "taesd")))
+    assert "from" in result.changed
+    latents = torch.randn(1, 14, 4, 8, 16)
+    # SVD's UNet latents are in TAESD's input space already (both scaled by 0.18215): no rescaling
+    expected = (taesd.decoder(latents.flatten(0, 1)) + 1) / 2
+    torch.testing.assert_close(pipeline.decoder(latents)[0], expected.clamp(0, 1), rtol=1e-6, atol=1e-6)
+
+
+# -- refusals -----------------------------------------------------------------------------------------
+def test_impossible_lists_are_refused_clearly(train_time_unet):
+    with pytest.raises(PassError, match="pass 'merge_funnels' is named twice"):
+        make_passes(["merge_funnels", "strip_temporal", "merge_funnels"])
+    with pytest.raises(PassError, match="unknown pass 'fuse_everything'; known passes: merge_funnels"):
+        make_passes(["fuse_everything"])
+    fifty_steps = dataclasses.replace(
+        train_time_unet.spec, mobilevd=dataclasses.replace(train_time_unet.spec.mobilevd, nfe=50)
+    )
+    train_time_unet.spec = fifty_steps
+    with pytest.raises(PassError, match=r"pass 'fold_conditioning' \(number 2 in the list\) cannot run: needs a fixed"):
+        run_passes(DeployPipeline(train_time_unet), make_passes(["merge_funnels", "fold_conditioning"]))
+
+
+class _BreaksTheModel(Pass):
+    name = "break_it"
+
+    def run(self, pipeline):
+        with torch.no_grad():
+            pipeline.unet.conv_out.bias.add_(0.1)
+        return "nudged conv_out"
+
+
+def test_a_pass_that_breaks_equivalence_is_stopped(train_time_unet):
+    with pytest.raises(PassError, match=r"pass 'break_it' broke equivalence: max abs error 0\.1"):
+        run_passes(DeployPipeline(train_time_unet), make_passes(["merge_funnels"]) + [_BreaksTheModel()])
+
+
+def test_cli_passes_json_and_errors(tmp_path, train_time_unet):
+    save_checkpoint(train_time_unet, tmp_path / "ck")
+    result = CliRunner().invoke(main, ["passes", str(tmp_path / "ck"), "--json", "--keep-conditioning-inputs"])
+    assert result.exit_code == 0, result.output
+    log = json.loads(result.stdout)
+    assert [r["name"] for r in log] == [
+        "merge_funnels",
+        "strip_temporal",
+        "single_token_cross_attention",
+        "taesd_decoder",
+    ]
+    assert all(r["rel_error"] <= 1e-4 for r in log if r["exact"])
+    bad = CliRunner().invoke(main, ["passes", str(tmp_path / "ck"), "--passes", "strip_temporal,strip_temporal"])
+    assert bad.exit_code == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "error: pass 'strip_temporal' is named"
+    )
+
+
+def test_pass_list_comes_from_the_option_then_the_checkpoint(tmp_path, train_time_unet):
+    from mvd_deploy.deploy import deploy
+
+    none_configured = dataclasses.replace(train_time_unet.spec.mobilevd, deploy_passes=())
+    train_time_unet.spec = dataclasses.replace(train_time_unet.spec, mobilevd=none_configured)
+    save_checkpoint(train_time_unet, tmp_path / "ck")
+    _, results, _ = deploy(tmp_path / "ck", quiet=True)
+    assert results == []  # an empty list in the checkpoint means: deploy as it is
+    _, results, _ = deploy(tmp_path / "ck", passes=["strip_temporal"], quiet=True)
+    assert [r.name for r in results] == ["strip_temporal"]
+
+
+# -- the stages table ---------------------------------------------------------------------------------
+def test_tiny_stage_table_only_goes_down():
+    from mvd_deploy.stages import stage_table
+
+    rows = stage_table(tiny_spec())
+    flops = [r["flops"] for r in rows]
+    assert all(b <= a for a, b in zip(flops, flops[1:], strict=False))
+    by_id = {r["id"]: r["flops"] for r in rows}
+    assert by_id["cross_attention"] < by_id["svd"]
+    assert by_id["multiscaling"] < by_id["one_step"]
+    assert by_id["pruning"] < by_id["multiscaling"]
+    assert by_id["funnels"] < by_id["pruning"]
+    assert all(r["paper_tflops"] is None for r in rows)  # tiny is not the paper's model
+
+
+def test_stages_use_a_checkpoints_trained_flags(tmp_path, train_time_unet):
+    save_checkpoint(train_time_unet, tmp_path / "ck")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "ck"), "--stages", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {"stage", "tflops", "params"} <= set(rows[0])
+    assert isinstance(rows[0]["tflops"], float) and isinstance(rows[0]["params"], int)
+    pruning = next(r for r in rows if r["id"] == "pruning")
+    assert pruning["stage"] == "+ temporal block pruning (25/38)"  # every third kept: 13 of 38
+    cheapest = next(r for r in _recipe_stages() if r["id"] == "pruning")
+    assert pruning["flops"] != cheapest["flops"]
+
+
+def _recipe_stages():
+    from mvd_deploy.stages import stage_table
+
+    return stage_table(tiny_spec(funnel_layers=("spatial_self_attention", "temporal_self_attention")))
