@@ -18,14 +18,18 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(BIN)/pytest
 
-# The longest chain that exists: a full-size MobileVD checkpoint (random init), inspect it, the
-# paper's Table 8 stages on it, then every deploy pass, each exact one checked against its input.
+# The whole chain on the embedded default, full size: a MobileVD checkpoint (random init) and the
+# paper's Table 8 stages on it → export (deploy passes, ONNX, validated against PyTorch) → compile
+# for ONNX Runtime CPU (fp32 and int8) → profile both → summary table.
 demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/mvd-deploy init-checkpoint --model models/mobilevd.yaml --out $(DEMO)/mobilevd-ckpt --seed 0
-	$(BIN)/mvd-deploy inspect $(DEMO)/mobilevd-ckpt
 	$(BIN)/mvd-deploy inspect $(DEMO)/mobilevd-ckpt --stages
-	$(BIN)/mvd-deploy passes $(DEMO)/mobilevd-ckpt
+	$(BIN)/mvd-deploy export $(DEMO)/mobilevd-ckpt --out $(DEMO)/build
+	$(BIN)/mvd-deploy compile $(DEMO)/build --target ort-cpu --int8 dynamic
+	$(BIN)/mvd-deploy profile $(DEMO)/build --target ort-cpu --form fp32 --runs 3
+	$(BIN)/mvd-deploy profile $(DEMO)/build --target ort-cpu --form int8-dynamic --runs 3
+	$(BIN)/mvd-deploy summary $(DEMO)/build
 
 bench: setup
 	$(BIN)/python bench/run.py

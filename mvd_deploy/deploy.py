@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 from mvd_deploy.checkpoint import CheckpointInfo, load_checkpoint
+from mvd_deploy.errors import MvdError
 from mvd_deploy.passes import DEFAULT_PASSES, DeployPipeline, PassOptions
 from mvd_deploy.passes.manager import DEFAULT_TOLERANCE, PassResult, make_passes, run_passes
 from mvd_deploy.progress import Stages
+from mvd_deploy.recipe import ModelSpec, load_recipe
 
 
 def pass_names(info: CheckpointInfo, passes: list[str] | None, keep_conditioning_inputs: bool) -> list[str]:
@@ -22,6 +25,27 @@ def pass_names(info: CheckpointInfo, passes: list[str] | None, keep_conditioning
     return names
 
 
+# What a recipe may change about a checkpoint's deployment; the rest is what the weights were trained as.
+_DEPLOYMENT_SETTINGS = ("video", "nfe", "conditioning", "deploy_passes")
+_TRAINED_SETTINGS = ("fun_factor", "funnel_layers", "temporal_multiscaling")
+
+
+def with_recipe(spec: ModelSpec, recipe: str | Path) -> ModelSpec:
+    """``spec`` deployed as ``recipe`` says (shape, steps, conditioning, passes); the model must match."""
+    other = load_recipe(recipe)
+    for key, value in other.unet.items():
+        if key not in ("num_frames", "sample_size") and value != spec.unet[key]:
+            raise MvdError(f"{recipe}: key 'unet.{key}' is {value!r} but the checkpoint's UNet has {spec.unet[key]!r}")
+    for key in _TRAINED_SETTINGS:
+        if getattr(other.mobilevd, key) != getattr(spec.mobilevd, key):
+            raise MvdError(
+                f"{recipe}: key 'mobilevd.{key}' is {getattr(other.mobilevd, key)!r} but the checkpoint was "
+                f"trained with {getattr(spec.mobilevd, key)!r}"
+            )
+    changes = {key: getattr(other.mobilevd, key) for key in _DEPLOYMENT_SETTINGS}
+    return dataclasses.replace(spec, mobilevd=dataclasses.replace(spec.mobilevd, **changes))
+
+
 def deploy(
     checkpoint: str | Path,
     passes: list[str] | None = None,
@@ -31,10 +55,14 @@ def deploy(
     check: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
     quiet: bool = False,
+    recipe: str | Path | None = None,
 ) -> tuple[DeployPipeline, list[PassResult], CheckpointInfo]:
-    stages = Stages(2, quiet=quiet)
+    """Load ``checkpoint`` (deployed as ``recipe`` says, when given) and run the deploy passes."""
+    stages = Stages(2, quiet=quiet, name="deploy")
     with stages.stage(f"load {checkpoint}"):
         unet, info = load_checkpoint(checkpoint)
+        if recipe is not None:
+            unet.spec = info.spec = with_recipe(info.spec, recipe)
     names = pass_names(info, passes, keep_conditioning_inputs)
     options = PassOptions(taesd_dir=Path(taesd_dir) if taesd_dir else None, decoder_seed=decoder_seed)
     deploy_passes = make_passes(names, options)

@@ -88,6 +88,7 @@ def run_passes(
     check = check and unet.conv_in.weight.device.type != "meta"
     hw = check_latent_hw(unet)
     results = []
+    counted: dict[str, tuple[int, int]] = {}  # component -> (params, FLOPs) as the last pass left it
     with torch.no_grad():
         inputs = unet.example_inputs(seed=seed, latent_hw=hw)
         reference = unet(**inputs) if check else None
@@ -98,8 +99,9 @@ def run_passes(
             if reason:
                 raise PassError(f"pass {p.name!r} (number {i + 1} in the list) cannot run: {reason}")
             component = p.component
-            module = pipeline.components().get(component)
-            params_before, flops_before = _params(module), _flops(pipeline, component)
+            if component not in counted:  # later passes start from the previous pass's counts
+                counted[component] = (_params(pipeline.components().get(component)), _flops(pipeline, component))
+            params_before, flops_before = counted[component]
             start = time.perf_counter()
             changed = p.run(pipeline)
             seconds = time.perf_counter() - start
@@ -118,7 +120,7 @@ def run_passes(
                 frames = pipeline.decoder(reference)
                 if not torch.isfinite(frames).all():
                     raise PassError(f"pass {p.name!r}: the decoder produced non-finite frames")
-            module = pipeline.components().get(component)
+            counted[component] = (_params(pipeline.components().get(component)), _flops(pipeline, component))
             results.append(
                 PassResult(
                     name=p.name,
@@ -126,9 +128,9 @@ def run_passes(
                     exact=p.exact,
                     changed=changed,
                     params_before=params_before,
-                    params_after=_params(module),
+                    params_after=counted[component][0],
                     flops_before=flops_before,
-                    flops_after=_flops(pipeline, component),
+                    flops_after=counted[component][1],
                     max_abs_error=max_abs,
                     rel_error=rel,
                     seconds=round(seconds, 3),

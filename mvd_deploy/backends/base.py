@@ -1,0 +1,64 @@
+"""The backend interface: every target compiles a build and profiles what it compiled.
+
+A profile is one JSON schema for every backend (see ``new_profile``), so CI gates and reports read
+ONNX Runtime CPU and Qualcomm AI Hub results the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+from mvd_deploy.build import Build
+
+PROFILE_SCHEMA = "mvd-deploy-profile"
+PROFILE_SCHEMA_VERSION = 1
+
+
+@dataclass
+class CompileOptions:
+    int8: str | None = None  # None | "dynamic" | "static"
+    min_psnr_db: float | None = None  # None: the backend's default per form
+    calibration_samples: int = 4
+
+
+class Backend:
+    name: ClassVar[str]
+
+    def compile(self, build: Build, options: CompileOptions, quiet: bool = False) -> dict[str, dict]:
+        """Compile every component; returns {form: record} also written to the manifest's ``compiled``."""
+        raise NotImplementedError
+
+    def profile(self, build: Build, form: str, runs: int, quiet: bool = False) -> dict:
+        """Measure a compiled form; returns a profile (``new_profile`` schema)."""
+        raise NotImplementedError
+
+
+def new_profile(target: str, form: str, build: Build, device: dict, runs: int) -> dict:
+    """The common profile document; backends fill ``components``.
+
+    components.<name>:
+      latency_ms: {p50, p90, min, mean}   per call, after warm-up
+      load_ms: {first, warm}              model load / session creation (warm: None where not measured)
+      peak_memory_mb: float               peak resident memory while running
+      compute_units: {unit: layers}       layers placed per compute unit (NPU/GPU/CPU)
+      top_ops: [{name, op_type, ms, share}]  slowest layers of one profiled call
+    """
+    return {
+        "schema": PROFILE_SCHEMA,
+        "schema_version": PROFILE_SCHEMA_VERSION,
+        "target": target,
+        "form": form,
+        "device": device,
+        "build": str(build.path),
+        "model": build.manifest.get("model"),
+        "runs": runs,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "components": {},
+    }
+
+
+def finish_profile(profile: dict) -> dict:
+    profile["total_latency_ms"] = round(sum(c["latency_ms"]["p50"] for c in profile["components"].values()), 3)
+    return profile

@@ -1,0 +1,257 @@
+"""ONNX Runtime CPU: the fully public fallback target.
+
+compile: ONNX Runtime's offline graph optimisation (level "extended": fusions that stay portable
+across CPUs) saved as the compiled model; optionally int8 first (onnxruntime.quantization: dynamic,
+MatMul/Gemm weights; or static QDQ, convolutions included, calibrated on inputs drawn from the
+pipeline). Every compiled component is re-validated against the build's exported model.
+
+profile: each component in its own worker process (so its peak memory is its own): load time,
+warm-up, N timed calls, and one profiled call for the op table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mvd_deploy.backends.base import Backend, CompileOptions, finish_profile, new_profile
+from mvd_deploy.build import Build
+from mvd_deploy.errors import MvdError, ValidationFailed
+from mvd_deploy.onnx_tools import compare, ort_session
+from mvd_deploy.progress import Stages
+
+VALIDATION_SEED = 1
+DEFAULT_MIN_PSNR_DB = {"fp32": 80.0, "fp16": 40.0, "int8-dynamic": 30.0, "int8-static": 30.0}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pipeline_inputs(build: Build, component: str, n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Inputs as the 1-step pipeline makes them (calibration data for static int8).
+
+    UNet: channels 0-3 of ``sample`` are the noised latent scaled by c_in (≈ unit Gaussian at σ = 700),
+    channels 4-7 the conditioning image's latent, the same for every frame (SVD repeats it); the image
+    embedding a unit-variance vector. Decoder: the exported UNet's outputs on those inputs when the
+    build has a UNet, else unit-Gaussian latents.
+    """
+    rng = np.random.default_rng(seed)
+    unet_io = build.components.get("unet")
+    samples = []
+    for _ in range(n):
+        feed = {}
+        for spec in (unet_io or build.components[component])["inputs"]:
+            shape = spec["shape"]
+            if spec["name"] == "sample":
+                noise = rng.standard_normal((*shape[:2], shape[2] // 2, *shape[3:]))
+                image = np.repeat(rng.standard_normal((shape[0], 1, shape[2] - shape[2] // 2, *shape[3:])), shape[1], 1)
+                feed["sample"] = np.concatenate([noise, image], axis=2).astype(np.float32)
+            else:
+                feed[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
+        samples.append(feed)
+    if component == "unet":
+        return samples
+    if unet_io is None:
+        return [build.random_inputs(component, seed + i) for i in range(n)]
+    session = ort_session(build.onnx_path("unet"))
+    return [{"latents": session.run(None, feed)[0]} for feed in samples]
+
+
+def conditioning_sensitivity(run, inputs: dict[str, np.ndarray], seed: int) -> float | None:
+    """How much the output moves when the image embedding changes: ‖f(x,c₁) − f(x,c₂)‖ / ‖f(x,c₁)‖.
+
+    w8a16/int8 can keep PSNR and still lose the conditioning; comparing this figure between the
+    reference and the compiled form catches that.
+    """
+    if "encoder_hidden_states" not in inputs:
+        return None
+    other = dict(inputs)
+    other["encoder_hidden_states"] = (
+        np.random.default_rng(seed + 100).standard_normal(inputs["encoder_hidden_states"].shape).astype(np.float32)
+    )
+    a, b = run(inputs), run(other)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+
+
+class OrtCpuBackend(Backend):
+    name = "ort-cpu"
+
+    def compile(self, build: Build, options: CompileOptions, quiet: bool = False) -> dict[str, dict]:
+        forms = ["fp32"] + ([f"int8-{options.int8}"] if options.int8 else [])
+        if options.int8 not in (None, "dynamic", "static"):
+            raise MvdError(f"--int8: must be dynamic or static, got {options.int8!r}")
+        if build.manifest.get("precision") == "fp16":
+            forms[0] = "fp16"
+        records = {}
+        for form in forms:
+            records[form] = self._compile_form(build, form, options, quiet)
+            build.manifest.setdefault("compiled", {})[f"{self.name}/{form}"] = records[form]
+            build.save_manifest()
+        return records
+
+    def _compile_form(self, build: Build, form: str, options: CompileOptions, quiet: bool) -> dict:
+        threshold = options.min_psnr_db if options.min_psnr_db is not None else DEFAULT_MIN_PSNR_DB[form]
+        staged = build.staging_dir(form)
+        relative = f"compiled/{self.name}/{form}"
+        stages = Stages(len(build.components), quiet=quiet, name=f"compile {self.name} {form}")
+        record = {"target": self.name, "form": form, "directory": relative, "components": {}}
+        try:
+            for name in build.components:
+                with stages.stage(name):
+                    record["components"][name] = self._compile_component(build, name, form, staged, options, threshold)
+            build.replace_dir(staged, relative)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+            build.clean_staging()
+        return record
+
+    def _compile_component(self, build: Build, name: str, form: str, staged: Path, options, threshold) -> dict:
+        source = build.onnx_path(name)
+        target = staged / f"{name}.onnx"
+        if form.startswith("int8"):
+            quantized = staged / "quantized" / f"{name}.onnx"
+            quantized.parent.mkdir(exist_ok=True)
+            _quantize(build, name, form, source, quantized, options)
+            source = quantized
+        ort_session(source, optimization="extended", optimized_path=target)  # writes the compiled model
+        if source.parent.name == "quantized":
+            shutil.rmtree(source.parent)
+        # Re-validate against the build's exported model, on fixed inputs such as the pipeline makes
+        # (calibration draws other samples from the same distribution).
+        [inputs] = pipeline_inputs(build, name, 1, seed=VALIDATION_SEED)
+        reference_session, compiled_session = ort_session(build.onnx_path(name)), ort_session(target)
+
+        def run_reference(feed):
+            return reference_session.run(None, feed)[0]
+
+        def run_compiled(feed):
+            return compiled_session.run(None, feed)[0]
+
+        validation = compare(run_compiled(inputs), run_reference(inputs))
+        sensitivity = (
+            conditioning_sensitivity(run_reference, inputs, VALIDATION_SEED),
+            conditioning_sensitivity(run_compiled, inputs, VALIDATION_SEED),
+        )
+        validation |= {"min_psnr_db": threshold, "seed": VALIDATION_SEED, "reference": f"exported {name}.onnx"}
+        if sensitivity[0] is not None:
+            validation["conditioning_sensitivity"] = {"reference": sensitivity[0], "compiled": sensitivity[1]}
+        if not validation["psnr_db"] >= threshold:
+            raise ValidationFailed(
+                f"{name} ({self.name} {form}): {validation['psnr_db']} dB PSNR against the exported model, below "
+                f"the {threshold} dB threshold; the compiled form was not written (lower it with --min-psnr)"
+            )
+        files = sorted(p.name for p in staged.iterdir() if p.name.startswith(f"{name}."))
+        return {"onnx": f"{name}.onnx", "files": files, "ops": _op_counts(target), "validation": validation}
+
+    def profile(self, build: Build, form: str, runs: int, quiet: bool = False) -> dict:
+        key = f"{self.name}/{form}"
+        record = build.manifest.get("compiled", {}).get(key)
+        if record is None:
+            known = ", ".join(build.manifest.get("compiled", {})) or "none"
+            raise MvdError(
+                f"{build.path}: no compiled form {key!r} (compiled: {known}); run `mvd-deploy compile` first"
+            )
+        threads = int(os.environ.get("MVD_ORT_THREADS", "0")) or os.cpu_count()
+        profile = new_profile(self.name, form, build, {"name": cpu_name(), "threads": threads}, runs)
+        stages = Stages(len(record["components"]), quiet=quiet, name=f"profile {key}")
+        for name in record["components"]:
+            with stages.stage(f"{name}: warm-up + {runs} timed runs + 1 profiled run"):
+                model = build.path / record["directory"] / f"{name}.onnx"
+                profile["components"][name] = _profile_in_worker(build, name, model, runs, threads)
+        return finish_profile(profile)
+
+
+_INT8_OPS = (
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantizeLinear",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QGemm",
+)
+
+
+def _op_counts(path: Path) -> dict[str, int]:
+    """Nodes in the compiled graph, and how many of them are int8 (quantised) ops."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {"nodes": len(graph.node), "int8": sum(node.op_type in _INT8_OPS for node in graph.node)}
+
+
+def _quantize(build: Build, name: str, form: str, source: Path, out: Path, options: CompileOptions) -> None:
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
+
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_* log advice on the root logger
+    if form == "int8-dynamic":
+        # MatMul/Gemm weights only: ORT's dynamic ConvInteger path is slower than fp32 convolution on CPU.
+        quantize_dynamic(
+            source,
+            out,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            weight_type=QuantType.QInt8,
+            use_external_data_format=True,
+        )
+        return
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.samples = iter(pipeline_inputs(build, name, options.calibration_samples, seed=7))
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    quantize_static(
+        source,
+        out,
+        Reader(),
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        use_external_data_format=True,
+    )
+
+
+def _profile_in_worker(build: Build, component: str, model: Path, runs: int, threads: int) -> dict:
+    inputs_path = model.parent / f".{component}-profile-inputs.npz"
+    np.savez(inputs_path, **build.random_inputs(component, VALIDATION_SEED))
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mvd_deploy.backends.ort_worker",
+                str(model),
+                str(inputs_path),
+                str(runs),
+                str(threads),
+            ],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        inputs_path.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MvdError(f"{model}: ONNX Runtime profiling failed ({last})")
+    return json.loads(proc.stdout)

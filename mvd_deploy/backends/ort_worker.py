@@ -1,0 +1,97 @@
+"""Profiles one ONNX model with ONNX Runtime CPU in its own process; prints one JSON object.
+
+python -m mvd_deploy.backends.ort_worker MODEL INPUTS.npz RUNS THREADS
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+WARMUP = 2
+TOP = 10
+
+
+def _session(model: str, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    # The compiled model is already optimised offline; do not optimise it again at load.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _top_ops(trace_path: str, total_ms: float) -> tuple[list[dict], dict[str, int]]:
+    events = json.loads(Path(trace_path).read_text())
+    per_node: dict[str, dict] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        name = event["name"][: -len("_kernel_time")]
+        entry = per_node.setdefault(name, {"name": name, "op_type": event["args"].get("op_name", "?"), "us": 0})
+        entry["us"] += event["dur"]
+    ranked = sorted(per_node.values(), key=lambda e: -e["us"])[:TOP]
+    top = [
+        {
+            "name": e["name"],
+            "op_type": e["op_type"],
+            "ms": round(e["us"] / 1000, 3),
+            "share": round(e["us"] / 1000 / total_ms, 4) if total_ms else None,
+        }
+        for e in ranked
+    ]
+    by_type: dict[str, int] = defaultdict(int)
+    for e in per_node.values():
+        by_type[e["op_type"]] += 1
+    return top, dict(by_type)
+
+
+def main() -> None:
+    model, inputs_path, runs, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    inputs = dict(np.load(inputs_path))
+    start = time.perf_counter()
+    session = _session(model, threads)
+    load_ms = (time.perf_counter() - start) * 1000
+    for _ in range(WARMUP):
+        session.run(None, inputs)
+    latencies = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, inputs)
+        latencies.append((time.perf_counter() - start) * 1000)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    del session
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        profiled = _session(model, threads, profile_prefix=str(Path(tmp) / "ort"))
+        warm_load_ms = (time.perf_counter() - start) * 1000
+        profiled.run(None, inputs)
+        top, nodes_by_type = _top_ops(profiled.end_profiling(), float(np.median(latencies)))
+    result = {
+        "latency_ms": {
+            "p50": round(float(np.percentile(latencies, 50)), 3),
+            "p90": round(float(np.percentile(latencies, 90)), 3),
+            "min": round(float(np.min(latencies)), 3),
+            "mean": round(float(np.mean(latencies)), 3),
+        },
+        "load_ms": {"first": round(load_ms, 1), "warm": round(warm_load_ms, 1)},
+        "peak_memory_mb": round(peak_mb, 1),
+        "compute_units": {"CPU": sum(nodes_by_type.values())},
+        "top_ops": top,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""A build directory: the manifest (build.json) and the files it names, updated atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mvd_deploy.errors import MvdError
+from mvd_deploy.fileio import load_json, write_json
+
+MANIFEST = "build.json"
+BUILD_FORMAT = "mvd-deploy-build"
+
+
+class Build:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / MANIFEST).is_file():
+            raise MvdError(f"{self.path}: not a build directory (no {MANIFEST}); make one with `mvd-deploy export`")
+        self.manifest = load_json(self.path / MANIFEST, "build manifest")
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != BUILD_FORMAT:
+            raise MvdError(f"{self.path / MANIFEST}: key 'format': not an mvd-deploy build manifest")
+        for name, component in self.components.items():
+            onnx_file = self.path / component["onnx"]
+            if not onnx_file.is_file():
+                raise MvdError(f"{self.path / MANIFEST}: key 'components.{name}.onnx': {onnx_file} is missing")
+
+    @property
+    def components(self) -> dict[str, dict]:
+        return self.manifest.get("components", {})
+
+    def onnx_path(self, component: str) -> Path:
+        return self.path / self.components[component]["onnx"]
+
+    def random_inputs(self, component: str, seed: int) -> dict[str, np.ndarray]:
+        """Fixed random float32 inputs of the component's static shapes."""
+        rng = np.random.default_rng(seed)
+        return {
+            spec["name"]: rng.standard_normal(spec["shape"]).astype(np.float32)
+            for spec in self.components[component]["inputs"]
+        }
+
+    def save_manifest(self) -> None:
+        """Replace build.json in one step (a reader never sees half a manifest)."""
+        tmp = self.path / f".{MANIFEST}.tmp"
+        write_json(tmp, self.manifest)
+        os.replace(tmp, self.path / MANIFEST)
+
+    def replace_dir(self, staged: Path, relative: str) -> Path:
+        """Move the completed directory ``staged`` to ``relative`` in the build, replacing any old one."""
+        target = self.path / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(staged, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def staging_dir(self, name: str) -> Path:
+        (self.path / ".staging").mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.path / ".staging"))
+
+    def clean_staging(self) -> None:
+        """Remove the staging area once nothing is left in it."""
+        with contextlib.suppress(OSError):
+            (self.path / ".staging").rmdir()
+
+
+def summary_rows(build: Build) -> list[dict]:
+    """Per component and form: parameters, FLOPs, PSNR against its reference, profiled p50 and peak memory."""
+    from mvd_deploy.fileio import load_json
+
+    profiles = {}
+    for path in sorted((build.path / "profiles").glob("*.json")) if (build.path / "profiles").is_dir() else []:
+        profile = load_json(path, "profile")
+        profiles[f"{profile['target']}/{profile['form']}"] = profile
+    rows = []
+    for name, component in build.components.items():
+        forms = [("export " + build.manifest.get("precision", "fp32"), component["validation"], None)]
+        for key, record in build.manifest.get("compiled", {}).items():
+            if name in record["components"]:
+                forms.append((key, record["components"][name]["validation"], profiles.get(key)))
+        for form, validation, profile in forms:
+            measured = profile["components"].get(name) if profile else None
+            rows.append(
+                {
+                    "component": name,
+                    "form": form,
+                    "params": component["params"],
+                    "tflops": component["flops"] / 1e12,
+                    "psnr_db": validation["psnr_db"],
+                    "p50_ms": measured["latency_ms"]["p50"] if measured else None,
+                    "peak_memory_mb": measured["peak_memory_mb"] if measured else None,
+                }
+            )
+    return rows

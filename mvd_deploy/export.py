@@ -1,0 +1,191 @@
+"""``mvd-deploy export``: checkpoint → deploy passes → one validated ONNX model per component.
+
+Stages per component, each checkable on its own: reference outputs from the PyTorch deploy model →
+export (dynamo, opset 18, static shapes, float32 I/O) → simplify (onnxsim on the graph, weights
+detached) → onnx.checker → ONNX Runtime CPU run, compared with the reference (PSNR, max abs error).
+Everything is written into a temporary directory and moved to BUILD_DIR only when every component
+passed; a failed validation exits 1 and promotes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mvd_deploy.deploy import deploy
+from mvd_deploy.errors import MvdError, ValidationFailed
+from mvd_deploy.fileio import atomic_output_dir, check_output_dir, write_json
+from mvd_deploy.flops import count_flops, count_model_flops
+from mvd_deploy.onnx_tools import Float32IO, check_onnx, compare, describe_io, export_onnx, run_onnx, simplify_onnx
+from mvd_deploy.progress import Stages
+
+BUILD_FORMAT = "mvd-deploy-build"
+BUILD_VERSION = 1
+MANIFEST = "build.json"
+COMPONENTS = ("unet", "decoder")
+OUTPUT_NAMES = {"unet": "model_output", "decoder": "frames"}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+MIN_PSNR_DB = {"fp32": 80.0, "fp16": 40.0}
+VALIDATION_SEED = 0
+TOOLCHAIN = ("torch", "diffusers", "onnx", "onnxscript", "onnxruntime", "onnxsim", "qai-hub", "safetensors")
+
+
+def toolchain_versions() -> dict[str, str | None]:
+    versions = {}
+    for package in TOOLCHAIN:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def component_inputs(pipeline, component: str, seed: int = VALIDATION_SEED) -> dict[str, torch.Tensor]:
+    """Fixed random float32 inputs of the component's static deploy shape."""
+    unet = pipeline.unet
+    if component == "unet":
+        return unet.example_inputs(seed=seed)
+    shape = unet.spec.latent_shape[:2] + (unet.spec.unet["out_channels"],) + unet.spec.latent_shape[3:]
+    return {"latents": torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))}
+
+
+def parse_components(value: str | list[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else list(value)
+    for name in names:
+        if name not in COMPONENTS:
+            raise MvdError(f"--components: unknown component {name!r}; known: {', '.join(COMPONENTS)}")
+    if not names or len(set(names)) != len(names):
+        raise MvdError("--components: name each component once")
+    return names
+
+
+def export_build(
+    checkpoint: str | Path,
+    out: str | Path,
+    recipe: str | Path | None = None,
+    components: list[str] | str | None = None,
+    precision: str = "fp32",
+    keep_conditioning_inputs: bool = False,
+    taesd_dir: str | Path | None = None,
+    decoder_seed: int = 0,
+    min_psnr_db: float | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Export ``checkpoint`` into the build directory ``out``; returns the manifest."""
+    if precision not in PRECISIONS:
+        raise MvdError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    components = parse_components(components)
+    out = check_output_dir(Path(out))
+    threshold = MIN_PSNR_DB[precision] if min_psnr_db is None else min_psnr_db
+    start = time.perf_counter()
+
+    pipeline, pass_results, info = deploy(
+        checkpoint, None, keep_conditioning_inputs, taesd_dir, decoder_seed, quiet=quiet, recipe=recipe
+    )
+    available = list(pipeline.components())
+    components = components or available
+    for name in components:
+        if name not in available:
+            raise MvdError(f"--components: {name!r} is not in this deployment (its passes make {', '.join(available)})")
+
+    manifest = {
+        "format": BUILD_FORMAT,
+        "format_version": BUILD_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "checkpoint": str(checkpoint),
+        "model": info.spec.name,
+        "recipe": str(recipe) if recipe else None,
+        "precision": precision,
+        "conditioning": "inputs" if not pipeline.unet.conditioning_folded else "folded",
+        "video": info.spec.mobilevd.video.__dict__,
+        "passes": [r.to_dict() for r in pass_results],
+        "components": {},
+        "compiled": {},
+        "toolchain": toolchain_versions(),
+    }
+    # Inputs and FLOPs first: each component's PyTorch model is freed once it is exported.
+    inputs = {name: component_inputs(pipeline, name) for name in components}
+    flops = {name: component_flops(pipeline, name) for name in components}
+    with atomic_output_dir(out) as tmp:
+        for name in components:
+            record = _export_component(pipeline, name, inputs[name], precision, threshold, tmp, quiet)
+            manifest["components"][name] = record | {"flops": flops[name]}
+        manifest["export_seconds"] = round(time.perf_counter() - start, 1)
+        write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def component_flops(pipeline, component: str) -> int:
+    """FLOPs of one call of the component at its deploy shape (meta stand-ins, nothing computed)."""
+    if component == "unet":
+        return count_model_flops(pipeline.unet).total
+    inputs = {k: v.to("meta") for k, v in component_inputs(pipeline, component).items()}
+    return count_flops(pipeline.decoder, inputs).total
+
+
+def _export_component(pipeline, name, inputs, precision: str, threshold: float, directory: Path, quiet: bool) -> dict:
+    stages = Stages(4, quiet=quiet, name=f"export {name}")
+    module = getattr(pipeline, name)
+    path = directory / f"{name}.onnx"
+    params = sum(p.numel() for p in module.parameters())
+    with stages.stage("PyTorch reference outputs (fp32)"), torch.no_grad():
+        reference = module(**inputs).numpy()
+    with stages.stage(f"torch.onnx.export (dynamo, opset 18, {precision})"):
+        exported = Float32IO(module, PRECISIONS[precision]) if precision != "fp32" else module
+        export_onnx(exported, inputs, OUTPUT_NAMES[name], path)
+        # The PyTorch model is no longer needed: free it before ONNX Runtime loads its own copy.
+        setattr(pipeline, name, None)
+        del module, exported
+        release_memory()
+    with stages.stage("simplify (onnxsim, weights detached) and onnx.checker"):
+        nodes_before, nodes_after = simplify_onnx(path)
+        check_onnx(path)
+    with stages.stage("ONNX Runtime CPU vs PyTorch"):
+        output = run_onnx(path, {k: v.numpy() for k, v in inputs.items()})
+        validation = compare(output, reference)
+    validation |= {"min_psnr_db": threshold, "seed": VALIDATION_SEED, "reference": "PyTorch fp32 deploy model"}
+    if not validation["psnr_db"] >= threshold:
+        raise ValidationFailed(
+            f"{name}: ONNX Runtime output is {validation['psnr_db']} dB PSNR against PyTorch, below the "
+            f"{threshold} dB threshold (max abs error {validation['max_abs_error']:.3g}); nothing was written"
+        )
+    return {
+        "onnx": path.name,
+        "data": f"{name}.data" if (directory / f"{name}.data").exists() else None,
+        **describe_io(path),
+        "params": params,
+        "nodes": {"exported": nodes_before, "simplified": nodes_after},
+        "validation": validation,
+        "output_range": [float(np.min(reference)), float(np.max(reference))],
+    }
+
+
+def format_build(manifest: dict, out) -> str:
+    lines = [f"wrote {out} ({manifest['model']}, {manifest['precision']}, conditioning {manifest['conditioning']})"]
+    for name, c in manifest["components"].items():
+        shapes = ", ".join(f"{i['name']} {tuple(i['shape'])}" for i in c["inputs"])
+        v = c["validation"]
+        lines.append(
+            f"  {name:<8} {c['onnx']:<13} {c['params']:>13,} params  {c['flops'] / 1e12:7.3f} TFLOPs  "
+            f"nodes {c['nodes']['exported']}->{c['nodes']['simplified']}  "
+            f"PSNR {v['psnr_db']} dB (min {v['min_psnr_db']})  inputs: {shapes}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""ONNX stages, one function each: export, simplify, save, check, run, compare.
+
+Measured pitfalls this encodes (see ../shared/mobilevd-paper.md):
+  * the dynamo exporter at opset 17 writes invalid Split nodes: always opset 18, always onnx.checker;
+  * the legacy exporter scatters hundreds of weight files: weights go to ONE ``<name>.data``;
+  * onnxsim runs out of memory (24 GB) on the full UNet: it only ever sees the graph with the large
+    weights detached (they become graph inputs while it runs, so it can neither load nor fold them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+OPSET = 18
+PSNR_IDENTICAL_DB = 200.0  # reported for bit-identical outputs (keeps JSON finite)
+
+
+class Float32IO(nn.Module):
+    """Runs ``module`` in ``dtype`` behind float32 inputs and outputs (mobile compilers want fp32 I/O)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module = module.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, **inputs):
+        return self.module(**{k: v.to(self.dtype) for k, v in inputs.items()}).float()
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints its own progress and many warnings; our staged lines say what runs."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_name: str, path: Path) -> None:
+    """torch.onnx.export(dynamo=True) at opset 18, static shapes, weights in one ``<stem>.data`` file."""
+    import onnx_ir
+
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            (),
+            kwargs=inputs,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=list(inputs),
+            output_names=[output_name],
+            optimize=True,
+        )
+    onnx_ir.save(program.model, path, external_data=f"{path.stem}.data")
+    # onnxscript's rewrite rules keep the last graph they matched alive (module-level state), and its
+    # initializers wrap the module's parameters: drop them so the weights can be freed after export.
+    for value in program.model.graph.initializers.values():
+        value.const_value = None
+    program.model.graph.initializers.clear()
+
+
+def simplify_onnx(path: Path) -> tuple[int, int]:
+    """onnxsim on the graph alone; returns node counts (before, after). Rewrites ``path`` in place.
+
+    Weights stored in the external file are detached as graph inputs while onnxsim runs, then put
+    back as the same references into the same ``.data`` file: onnxsim folds only the small
+    constants (shape arithmetic, scalars), and memory stays that of the graph, never the weights.
+    """
+    import onnx
+    import onnxsim
+    from onnx import external_data_helper, helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    before = len(model.graph.node)
+    detached = {t.name: t for t in model.graph.initializer if external_data_helper.uses_external_data(t)}
+    kept = [t for t in model.graph.initializer if t.name not in detached]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    n_inputs = len(model.graph.input)
+    model.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in detached.values()
+    )
+    with _quiet_exporter():
+        simplified, ok = onnxsim.simplify(model)
+    if not ok:
+        return before, before  # onnxsim could not prove its result equal: keep the exported graph
+    real_inputs = [i for i in simplified.graph.input if i.name not in detached]
+    used = {name for node in simplified.graph.node for name in node.input}
+    del simplified.graph.input[:]
+    simplified.graph.input.extend(real_inputs)
+    simplified.graph.initializer.extend(t for name, t in detached.items() if name in used)
+    assert len(real_inputs) == n_inputs
+    onnx.save(simplified, str(path))
+    return before, len(simplified.graph.node)
+
+
+def check_onnx(path: Path) -> None:
+    """onnx.checker by path (works past protobuf's 2 GB limit), with full shape inference."""
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def describe_io(path: Path) -> dict[str, list[dict]]:
+    """Input/output names, shapes and dtypes of an ONNX model, from its graph alone."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        return [
+            {
+                "name": v.name,
+                "shape": [d.dim_value for d in v.type.tensor_type.shape.dim],
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+            }
+            for v in values
+        ]
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def ort_session(path: Path, optimization: str = "basic", optimized_path: Path | None = None, profile_prefix=None):
+    """An ONNX Runtime CPU session. ``optimized_path`` saves the optimised graph (weights external)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unfoldable nodes are noise here
+    options.graph_optimization_level = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", f"{optimized_path.stem}.data"
+        )
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    session = ort_session(path)
+    return session.run(None, inputs)[0]
+
+
+def psnr_db(output: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR of ``output`` against ``reference``, peak = the reference's range (max − min)."""
+    output, reference = np.asarray(output, np.float64), np.asarray(reference, np.float64)
+    mse = float(np.mean((output - reference) ** 2))
+    peak = float(reference.max() - reference.min())
+    if not math.isfinite(mse):
+        return -math.inf
+    if mse == 0.0 or peak == 0.0:
+        return PSNR_IDENTICAL_DB if mse == 0.0 else -math.inf
+    return min(10 * math.log10(peak**2 / mse), PSNR_IDENTICAL_DB)
+
+
+def compare(output: np.ndarray, reference: np.ndarray) -> dict:
+    return {
+        "psnr_db": round(psnr_db(output, reference), 2),
+        "max_abs_error": float(np.max(np.abs(np.asarray(output, np.float64) - reference))),
+    }

@@ -1,0 +1,196 @@
+"""ONNX export, the ort-cpu backend (compile, int8, profile), and their refusals — on the tiny recipe."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from mvd_deploy.backends import CompileOptions, get_backend
+from mvd_deploy.backends.ort_cpu import VALIDATION_SEED, pipeline_inputs
+from mvd_deploy.build import Build
+from mvd_deploy.cli import main
+from mvd_deploy.errors import MvdError, ValidationFailed
+from mvd_deploy.export import export_build
+from mvd_deploy.onnx_tools import check_onnx, psnr_db, run_onnx, simplify_onnx
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("builds") / "tiny-fp32"
+    export_build(tiny_checkpoint, out, quiet=True)
+    return out
+
+
+def _copy_build(build: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(build, tmp_path / "build"))
+
+
+def test_export_writes_one_checked_onnx_and_one_data_file_per_component(tiny_build):
+    manifest = json.loads((tiny_build / "build.json").read_text())
+    assert set(manifest["components"]) == {"unet", "decoder"}
+    files = sorted(p.name for p in tiny_build.iterdir())
+    assert files == ["build.json", "decoder.data", "decoder.onnx", "unet.data", "unet.onnx"]
+    for component in manifest["components"].values():
+        path = tiny_build / component["onnx"]
+        check_onnx(path)
+        model = onnx.load(str(path), load_external_data=False)
+        assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"} and model.opset_import[0].version == 18
+        assert not any(node.domain == "com.microsoft" for node in model.graph.node)  # AI Hub rejects contrib ops
+        assert all(i["dtype"] == "float32" and all(d > 0 for d in i["shape"]) for i in component["inputs"])
+        assert component["validation"]["psnr_db"] >= 80.0
+        assert component["nodes"]["simplified"] <= component["nodes"]["exported"]
+    unet = manifest["components"]["unet"]
+    assert [i["name"] for i in unet["inputs"]] == ["sample", "encoder_hidden_states"]  # conditioning folded
+    assert unet["inputs"][0]["shape"] == [1, 14, 8, 8, 16]
+    assert manifest["components"]["decoder"]["outputs"][0]["shape"] == [1, 14, 3, 64, 128]
+    assert [p["name"] for p in manifest["passes"]][0] == "merge_funnels"
+    assert manifest["toolchain"]["torch"].startswith("2.13.0")
+
+
+def test_export_parity_is_what_the_manifest_says(tiny_build, tiny_checkpoint):
+    """Recompute the UNet's validation independently: PyTorch deploy model vs the exported file."""
+    import torch
+
+    from mvd_deploy.deploy import deploy
+    from mvd_deploy.export import component_inputs
+
+    pipeline, _, _ = deploy(tiny_checkpoint, quiet=True)
+    inputs = component_inputs(pipeline, "unet")
+    with torch.no_grad():
+        reference = pipeline.unet(**inputs).numpy()
+    output = run_onnx(tiny_build / "unet.onnx", {k: v.numpy() for k, v in inputs.items()})
+    recorded = json.loads((tiny_build / "build.json").read_text())["components"]["unet"]["validation"]["psnr_db"]
+    assert abs(psnr_db(output, reference) - recorded) < 0.5
+
+
+def test_fp16_export_with_conditioning_inputs(tiny_checkpoint, tmp_path):
+    manifest = export_build(
+        tiny_checkpoint,
+        tmp_path / "b16",
+        components="unet",
+        precision="fp16",
+        keep_conditioning_inputs=True,
+        quiet=True,
+    )
+    unet = manifest["components"]["unet"]
+    assert [i["name"] for i in unet["inputs"]] == ["sample", "encoder_hidden_states", "timestep", "added_time_ids"]
+    assert all(i["dtype"] == "float32" for i in unet["inputs"] + unet["outputs"])  # fp32 I/O, fp16 inside
+    assert 40.0 <= unet["validation"]["psnr_db"] < 120.0
+    model = onnx.load(str(tmp_path / "b16" / "unet.onnx"), load_external_data=False)
+    weights = [t for t in model.graph.initializer if t.name.endswith("weight")]
+    assert len(weights) > 100 and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    assert manifest["conditioning"] == "inputs" and "fold_conditioning" not in [p["name"] for p in manifest["passes"]]
+
+
+def test_failed_validation_promotes_nothing(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValidationFailed, match=r"unet: ONNX Runtime output is .* dB PSNR against PyTorch, below"):
+        export_build(tiny_checkpoint, tmp_path / "b", components="unet", min_psnr_db=500.0, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    import mvd_deploy.export as export
+
+    real_export = export.export_onnx
+
+    def interrupted(module, inputs, output_name, path):
+        if output_name == "frames":  # the unet went through; die on the decoder
+            raise KeyboardInterrupt
+        real_export(module, inputs, output_name, path)
+
+    monkeypatch.setattr(export, "export_onnx", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_build(tiny_checkpoint, tmp_path / "b", quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refusals(tiny_checkpoint, tmp_path):
+    runner = CliRunner()
+    cases = [
+        (["export", str(tmp_path / "nope"), "--out", str(tmp_path / "b")], "checkpoint directory not found"),
+        (
+            ["export", str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--components", "unet,vae"],
+            "--components: unknown component 'vae'",
+        ),
+        (["export", str(tiny_checkpoint), "--out", str(tmp_path / "f" / "b")], "cannot write there"),
+    ]
+    (tmp_path / "f").write_text("a file, not a directory")
+    for args, message in cases:
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "b").exists()
+
+
+def test_simplify_never_loads_the_weights_and_keeps_outputs(tiny_build, tmp_path):
+    build = _copy_build(tiny_build, tmp_path)
+    data = (build / "unet.data").read_bytes()
+    inputs = Build(build).random_inputs("unet", 3)
+    before = run_onnx(build / "unet.onnx", inputs)
+    simplify_onnx(build / "unet.onnx")  # a second pass: already simple, must stay correct
+    assert (build / "unet.data").read_bytes() == data  # weights untouched, still one file
+    check_onnx(build / "unet.onnx")
+    np.testing.assert_allclose(run_onnx(build / "unet.onnx", inputs), before, rtol=1e-5, atol=1e-6)
+
+
+# -- compile and profile ------------------------------------------------------------------------------
+@pytest.mark.parametrize("int8", ["dynamic", "static"])
+def test_int8_compile_reports_its_psnr_honestly(tiny_build, tmp_path, int8):
+    build = Build(_copy_build(tiny_build, tmp_path))
+    records = get_backend("ort-cpu").compile(build, CompileOptions(int8=int8, calibration_samples=2), quiet=True)
+    form = f"int8-{int8}"
+    assert set(records) == {"fp32", form}
+    unet = records[form]["components"]["unet"]
+    assert unet["ops"]["int8"] > 0  # something really was quantised
+    compiled = build.path / "compiled" / "ort-cpu" / form / "unet.onnx"
+    [inputs] = pipeline_inputs(build, "unet", 1, seed=VALIDATION_SEED)
+    measured = psnr_db(run_onnx(compiled, inputs), run_onnx(build.onnx_path("unet"), inputs))
+    assert abs(measured - unet["validation"]["psnr_db"]) < 0.1
+    assert 30.0 <= measured < 120.0  # int8 is not bit-exact; a figure of ~200 would mean nothing was quantised
+    sensitivity = unet["validation"]["conditioning_sensitivity"]
+    assert sensitivity["compiled"] == pytest.approx(sensitivity["reference"], rel=0.2)
+    assert records["fp32"]["components"]["unet"]["validation"]["psnr_db"] >= 80.0
+    assert json.loads((build.path / "build.json").read_text())["compiled"][f"ort-cpu/{form}"] == records[form]
+    assert not (build.path / ".staging").exists()
+
+
+def test_compile_threshold_is_enforced(tiny_build, tmp_path):
+    build = Build(_copy_build(tiny_build, tmp_path))
+    result = CliRunner().invoke(main, ["compile", str(build.path), "--target", "ort-cpu", "--min-psnr", "250"])
+    assert result.exit_code == 1
+    assert "below the 250.0 dB threshold; the compiled form was not written" in result.stderr
+    assert not (build.path / "compiled").exists() or not any((build.path / "compiled").rglob("*.onnx"))
+    assert json.loads((build.path / "build.json").read_text())["compiled"] == {}
+
+
+def test_profile_json(tiny_build, tmp_path):
+    build = _copy_build(tiny_build, tmp_path)
+    runner = CliRunner()
+    before = runner.invoke(main, ["profile", str(build), "--target", "ort-cpu"])
+    assert before.exit_code == 2 and "run `mvd-deploy compile` first" in before.stderr
+    assert runner.invoke(main, ["compile", str(build), "--target", "ort-cpu"]).exit_code == 0
+    result = runner.invoke(main, ["profile", str(build), "--target", "ort-cpu", "--runs", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    profile = json.loads(result.stdout)
+    assert profile["schema"] == "mvd-deploy-profile" and profile["target"] == "ort-cpu"
+    for name in ("unet", "decoder"):
+        c = profile["components"][name]
+        assert 0 < c["latency_ms"]["min"] <= c["latency_ms"]["p50"] <= c["latency_ms"]["p90"]
+        assert c["load_ms"]["first"] > 0 and c["peak_memory_mb"] > 0
+        assert c["compute_units"]["CPU"] > 0 and c["top_ops"]
+        assert sum(op["share"] for op in c["top_ops"]) <= 1.5  # shares of one call (profiler overhead aside)
+    assert profile["total_latency_ms"] == pytest.approx(
+        sum(c["latency_ms"]["p50"] for c in profile["components"].values()), abs=1e-3
+    )
+    assert json.loads((build / "profiles" / "ort-cpu-fp32.json").read_text()) == profile
+
+
+def test_unknown_target_and_not_a_build(tmp_path, tiny_build):
+    with pytest.raises(MvdError, match="--target: unknown target 'snapdragon-x'"):
+        get_backend("snapdragon-x")
+    with pytest.raises(MvdError, match="not a build directory"):
+        Build(tmp_path)
