@@ -20,16 +20,18 @@ test: setup
 
 # The whole chain on the embedded default, full size: a MobileVD checkpoint (random init) and the
 # paper's Table 8 stages on it → export (deploy passes, ONNX, validated against PyTorch) → compile
-# for ONNX Runtime CPU (fp32 and int8) → profile both → summary table.
+# for ONNX Runtime CPU (fp32 and int8) → profile both (fp32 gated on device_profiles/ort-cpu.yaml) →
+# summary table → HTML report.
 demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/mvd-deploy init-checkpoint --model models/mobilevd.yaml --out $(DEMO)/mobilevd-ckpt --seed 0
 	$(BIN)/mvd-deploy inspect $(DEMO)/mobilevd-ckpt --stages
 	$(BIN)/mvd-deploy export $(DEMO)/mobilevd-ckpt --out $(DEMO)/build
 	$(BIN)/mvd-deploy compile $(DEMO)/build --target ort-cpu --int8 dynamic
-	$(BIN)/mvd-deploy profile $(DEMO)/build --target ort-cpu --form fp32 --runs 3
+	$(BIN)/mvd-deploy profile $(DEMO)/build --target ort-cpu --form fp32 --runs 3 --gate
 	$(BIN)/mvd-deploy profile $(DEMO)/build --target ort-cpu --form int8-dynamic --runs 3
 	$(BIN)/mvd-deploy summary $(DEMO)/build
+	$(BIN)/mvd-deploy report $(DEMO)/build
 
 bench: setup
 	$(BIN)/python bench/run.py

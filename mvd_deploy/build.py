@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -15,6 +16,14 @@ from mvd_deploy.fileio import load_json, write_json
 
 MANIFEST = "build.json"
 BUILD_FORMAT = "mvd-deploy-build"
+
+
+def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class Build:
@@ -45,8 +54,10 @@ class Build:
             for spec in self.components[component]["inputs"]
         }
 
-    def save_manifest(self) -> None:
-        """Replace build.json in one step (a reader never sees half a manifest)."""
+    def save_manifest(self, hash_files: bool = True) -> None:
+        """Replace build.json in one step (a reader never sees half a manifest), files hashed."""
+        if hash_files:
+            self.record_files()
         tmp = self.path / f".{MANIFEST}.tmp"
         write_json(tmp, self.manifest)
         os.replace(tmp, self.path / MANIFEST)
@@ -68,6 +79,26 @@ class Build:
         (self.path / ".staging").mkdir(exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.path / ".staging"))
 
+    def record_files(self) -> dict[str, dict]:
+        """sha256 and size of every file in the build (but build.json), into the manifest.
+
+        Files whose size and mtime match their entry keep their hash (weights are GBs).
+        """
+        previous = self.manifest.get("files", {})
+        files = {}
+        for path in sorted(self.path.rglob("*")):
+            relative = path.relative_to(self.path).as_posix()
+            if not path.is_file() or relative == MANIFEST or any(part.startswith(".") for part in Path(relative).parts):
+                continue
+            stat = path.stat()
+            old = previous.get(relative, {})
+            if old.get("bytes") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns:
+                files[relative] = old
+            else:
+                files[relative] = {"sha256": sha256_file(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        self.manifest["files"] = files
+        return files
+
     def clean_staging(self) -> None:
         """Remove the staging area once nothing is left in it."""
         with contextlib.suppress(OSError):
@@ -87,7 +118,10 @@ def summary_rows(build: Build) -> list[dict]:
         forms = [("export " + build.manifest.get("precision", "fp32"), component["validation"], None)]
         for key, record in build.manifest.get("compiled", {}).items():
             if name in record["components"]:
-                forms.append((key, record["components"][name]["validation"], profiles.get(key)))
+                compiled = record["components"][name]
+                # ort-cpu validates when compiling; AI Hub forms are checked on the device by `profile`
+                validation = compiled.get("validation") or compiled.get("on_device") or {}
+                forms.append((key, validation, profiles.get(key)))
         for form, validation, profile in forms:
             measured = profile["components"].get(name) if profile else None
             rows.append(
@@ -96,7 +130,7 @@ def summary_rows(build: Build) -> list[dict]:
                     "form": form,
                     "params": component["params"],
                     "tflops": component["flops"] / 1e12,
-                    "psnr_db": validation["psnr_db"],
+                    "psnr_db": validation.get("psnr_db"),
                     "p50_ms": measured["latency_ms"]["p50"] if measured else None,
                     "peak_memory_mb": measured["peak_memory_mb"] if measured else None,
                 }

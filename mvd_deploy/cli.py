@@ -156,58 +156,121 @@ def export_cmd(
 
 @main.command("compile")
 @click.argument("build_dir", type=click.Path())
-@click.option("--target", required=True, help="Backend to compile for (ort-cpu).")
 @click.option(
-    "--int8", type=click.Choice(["dynamic", "static"]), help="Also compile an int8 form (onnxruntime.quantization)."
+    "--target",
+    "targets",
+    required=True,
+    multiple=True,
+    help="Device profile (device_profiles/NAME.yaml or a path); repeat for several, submitted together.",
 )
-@click.option("--min-psnr", type=float, help="Validation threshold in dB against the export (default per form).")
+@click.option(
+    "--int8",
+    type=click.Choice(["dynamic", "static"]),
+    help="ort-cpu: also compile an int8 form (onnxruntime.quantization).",
+)
+@click.option("--min-psnr", type=float, help="ort-cpu: validation threshold in dB against the export.")
 @click.option("--calibration-samples", default=4, show_default=True, type=int, help="Static int8 calibration inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the compiled records as JSON.")
 @_user_errors
-def compile_cmd(build_dir, target, int8, min_psnr, calibration_samples, as_json):
-    """Compile a build for a target; every compiled form is re-validated against the export."""
-    from mvd_deploy.backends import CompileOptions, get_backend
+def compile_cmd(build_dir, targets, int8, min_psnr, calibration_samples, as_json):
+    """Compile a build for one or more targets; every compiled form is validated."""
+    from mvd_deploy.backends import CompileOptions, get_backend, group_targets
     from mvd_deploy.build import Build
 
-    backend = get_backend(target)
+    build = Build(build_dir)
     options = CompileOptions(int8=int8, min_psnr_db=min_psnr, calibration_samples=calibration_samples)
-    records = backend.compile(Build(build_dir), options)
+    records = {}
+    for backend, profiles in group_targets(targets).items():
+        records |= get_backend(backend).compile(build, profiles, options)
     _emit(records, as_json, _format_compiled)
 
 
 def _format_compiled(records: dict) -> str:
     lines = []
-    for form, record in records.items():
+    for key, record in records.items():
         for name, c in record["components"].items():
-            v = c["validation"]
+            v = c.get("validation")
+            if v is None:  # AI Hub: checked on the device by `mvd-deploy profile`
+                lines.append(f"  {key:<28} {name:<8} {c['file']} (compile job {c['compile_job']})")
+                continue
             sens = v.get("conditioning_sensitivity")
             extra = (
                 f"  conditioning sensitivity {sens['compiled']:.3f} (export {sens['reference']:.3f})" if sens else ""
             )
-            lines.append(
-                f"  {record['target']}/{form:<13} {name:<8} PSNR {v['psnr_db']} dB (min {v['min_psnr_db']}){extra}"
-            )
+            lines.append(f"  {key:<28} {name:<8} PSNR {v['psnr_db']} dB (min {v['min_psnr_db']}){extra}")
     return "\n".join(lines)
 
 
 @main.command("profile")
 @click.argument("build_dir", type=click.Path())
-@click.option("--target", required=True, help="Backend whose compiled form to profile (ort-cpu).")
-@click.option("--form", default="fp32", show_default=True, help="Compiled form: fp32, fp16, int8-dynamic, int8-static.")
+@click.option(
+    "--target",
+    "targets",
+    required=True,
+    multiple=True,
+    help="Device profile (device_profiles/NAME.yaml or a path); repeat for several.",
+)
+@click.option("--form", help="Compiled form to profile (default: the profile's precision).")
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(min=1), help="Timed runs after warm-up.")
-@click.option("--json", "as_json", is_flag=True, help="Print the profile JSON.")
+@click.option("--gate", is_flag=True, help="Gate each profile on its target's budgets: exit 1 when over.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile JSON (a list with several targets).")
 @_user_errors
-def profile_cmd(build_dir, target, form, runs, as_json):
-    """Latency, load time, peak memory and the slowest ops of a compiled build."""
-    from mvd_deploy.backends import get_backend
+def profile_cmd(build_dir, targets, form, runs, gate, as_json):
+    """Latency, load time, peak memory and the slowest ops of a compiled build, per target."""
+    from mvd_deploy.backends import get_backend, group_targets
     from mvd_deploy.build import Build
     from mvd_deploy.fileio import write_json
+    from mvd_deploy.gate import markdown, run_gate
 
     build = Build(build_dir)
-    profile = get_backend(target).profile(build, form, runs)
-    (build.path / "profiles").mkdir(exist_ok=True)
-    write_json(build.path / "profiles" / f"{target}-{form}.json", profile)
-    _emit(profile, as_json, _format_profile)
+    profiles, reports = [], []
+    groups = group_targets(targets)
+    for backend, target_profiles in groups.items():
+        for target, profile in zip(
+            target_profiles, get_backend(backend).profile(build, target_profiles, form, runs), strict=True
+        ):
+            path = build.path / "profiles" / f"{profile['target']}-{profile['form']}.json"
+            path.parent.mkdir(exist_ok=True)
+            write_json(path, profile)
+            profiles.append(profile)
+            if gate:
+                reports.append(run_gate(path, target))
+                build.manifest.setdefault("gates", {})[f"{profile['target']}/{profile['form']}"] = reports[-1]
+    build.save_manifest()
+    result = profiles[0] if len(profiles) == 1 else profiles
+    _emit(result, as_json, lambda _: "\n".join(_format_profile(p) for p in profiles))
+    if gate:
+        click.echo("\n".join(markdown(r) for r in reports), err=True)
+        sys.exit(0 if all(r["passed"] for r in reports) else 1)
+
+
+@main.command("gate")
+@click.argument("profile_json", type=click.Path())
+@click.option("--budget", required=True, help="Device profile with the budgets (device_profiles/X.yaml or a name).")
+@click.option("--junit", type=click.Path(dir_okay=False), help="JUnit XML path (default: beside the profile).")
+@click.option(
+    "--markdown",
+    "markdown_path",
+    type=click.Path(dir_okay=False),
+    help="Markdown summary path (default: beside the profile).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the gate result as JSON.")
+@_user_errors
+def gate_cmd(profile_json, budget, junit, markdown_path, as_json):
+    """Check a profile against budgets: exit 0 within budget, 1 over, 2 on bad input."""
+    from pathlib import Path
+
+    from mvd_deploy.device_profiles import resolve_target
+    from mvd_deploy.gate import markdown, run_gate
+
+    report = run_gate(
+        profile_json,
+        resolve_target(budget),
+        Path(junit) if junit else None,
+        Path(markdown_path) if markdown_path else None,
+    )
+    _emit(report, as_json, markdown)
+    sys.exit(0 if report["passed"] else 1)
 
 
 def _format_profile(p: dict) -> str:
@@ -244,9 +307,37 @@ def _format_summary(rows: list[dict]) -> str:
     lines = [header]
     for r in rows:
         p50 = f"{r['p50_ms']:.1f}" if r["p50_ms"] is not None else "-"
+        psnr = r["psnr_db"] if r["psnr_db"] is not None else "-"
         peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
         lines.append(
             f"  {r['component']:<9} {r['form']:<22} {r['params']:>13,} {r['tflops']:>7.3f} "
-            f"{r['psnr_db']:>8} {p50:>10} {peak:>9}"
+            f"{psnr:>8} {p50:>10} {peak:>9}"
         )
     return "\n".join(lines)
+
+
+@main.command("pull")
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to create.")
+@click.option("--target", "targets", multiple=True, help="Only these targets' compiled forms (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the pulled manifest as JSON.")
+@_user_errors
+def pull_cmd(source, out, targets, as_json):
+    """Copy a build's compiled artifacts (or an AI Hub compile job's model), hashes verified."""
+    from mvd_deploy.pull import pull
+
+    record = pull(source, out, list(targets) or None)
+    _emit(record, as_json, lambda r: f"pulled {len(r['files'])} files into {out}, every sha256 verified")
+
+
+@main.command("report")
+@click.argument("build_dir", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), help="Report directory (default: BUILD/report).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+@_user_errors
+def report_cmd(build_dir, out, as_json):
+    """An HTML page with plots: FLOPs per stage vs the paper, latency per component and target, top ops."""
+    from mvd_deploy.report import write_report
+
+    result = write_report(build_dir, out)
+    _emit(result, as_json, lambda r: f"wrote {r['report']} ({len(r['images'])} plots)")

@@ -20,16 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mvd_deploy.build import BUILD_FORMAT, MANIFEST, Build, sha256_file
+from mvd_deploy.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from mvd_deploy.deploy import deploy
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.fileio import atomic_output_dir, check_output_dir, write_json
 from mvd_deploy.flops import count_flops, count_model_flops
 from mvd_deploy.onnx_tools import Float32IO, check_onnx, compare, describe_io, export_onnx, run_onnx, simplify_onnx
 from mvd_deploy.progress import Stages
+from mvd_deploy.stages import stage_table
 
-BUILD_FORMAT = "mvd-deploy-build"
 BUILD_VERSION = 1
-MANIFEST = "build.json"
 COMPONENTS = ("unet", "decoder")
 OUTPUT_NAMES = {"unet": "model_output", "decoder": "frames"}
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
@@ -109,6 +110,9 @@ def export_build(
         "precision": precision,
         "conditioning": "inputs" if not pipeline.unet.conditioning_folded else "folded",
         "video": info.spec.mobilevd.video.__dict__,
+        "checkpoint_sha256": {f: sha256_file(Path(checkpoint) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)},
+        "recipe_sha256": sha256_file(Path(recipe)) if recipe else None,
+        "stages": stage_table(info.spec),
         "passes": [r.to_dict() for r in pass_results],
         "components": {},
         "compiled": {},
@@ -123,6 +127,9 @@ def export_build(
             manifest["components"][name] = record | {"flops": flops[name]}
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
         write_json(tmp / MANIFEST, manifest)
+        build = Build(tmp)
+        build.save_manifest()  # with every file's sha256 and size
+        manifest = build.manifest
     return manifest
 
 

@@ -134,11 +134,13 @@ def describe_io(path: Path) -> dict[str, list[dict]]:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
-def ort_session(path: Path, optimization: str = "basic", optimized_path: Path | None = None, profile_prefix=None):
-    """An ONNX Runtime CPU session. ``optimized_path`` saves the optimised graph (weights external)."""
+def ort_session(path: Path, optimization: str = "basic", optimized_path: Path | None = None, arena: bool = True):
+    """An ONNX Runtime CPU session. ``optimized_path`` saves the optimised graph (weights external);
+    ``arena=False`` returns activation memory after each run instead of keeping it for the next."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     options.log_severity_level = 3  # warnings about unfoldable nodes are noise here
     options.graph_optimization_level = {
         "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -152,14 +154,11 @@ def ort_session(path: Path, optimization: str = "basic", optimized_path: Path | 
             "session.optimized_model_external_initializers_file_name", f"{optimized_path.stem}.data"
         )
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = str(profile_prefix)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    session = ort_session(path)
+    session = ort_session(path, arena=False)
     return session.run(None, inputs)[0]
 
 

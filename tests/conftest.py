@@ -45,5 +45,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_build(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported (fp32, UNet + decoder); copy it before changing it."""
+    from mvd_deploy.export import export_build
+
+    out = tmp_path_factory.mktemp("builds") / "tiny-fp32"
+    export_build(tiny_checkpoint, out, quiet=True)
+    return out
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())

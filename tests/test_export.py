@@ -13,16 +13,10 @@ from mvd_deploy.backends import CompileOptions, get_backend
 from mvd_deploy.backends.ort_cpu import VALIDATION_SEED, pipeline_inputs
 from mvd_deploy.build import Build
 from mvd_deploy.cli import main
+from mvd_deploy.device_profiles import resolve_target
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.export import export_build
 from mvd_deploy.onnx_tools import check_onnx, psnr_db, run_onnx, simplify_onnx
-
-
-@pytest.fixture(scope="session")
-def tiny_build(tiny_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("builds") / "tiny-fp32"
-    export_build(tiny_checkpoint, out, quiet=True)
-    return out
 
 
 def _copy_build(build: Path, tmp_path: Path) -> Path:
@@ -141,10 +135,12 @@ def test_simplify_never_loads_the_weights_and_keeps_outputs(tiny_build, tmp_path
 @pytest.mark.parametrize("int8", ["dynamic", "static"])
 def test_int8_compile_reports_its_psnr_honestly(tiny_build, tmp_path, int8):
     build = Build(_copy_build(tiny_build, tmp_path))
-    records = get_backend("ort-cpu").compile(build, CompileOptions(int8=int8, calibration_samples=2), quiet=True)
+    records = get_backend("ort-cpu").compile(
+        build, [resolve_target("ort-cpu")], CompileOptions(int8=int8, calibration_samples=2), quiet=True
+    )
     form = f"int8-{int8}"
-    assert set(records) == {"fp32", form}
-    unet = records[form]["components"]["unet"]
+    assert set(records) == {"ort-cpu/fp32", f"ort-cpu/{form}"}
+    unet = records[f"ort-cpu/{form}"]["components"]["unet"]
     assert unet["ops"]["int8"] > 0  # something really was quantised
     compiled = build.path / "compiled" / "ort-cpu" / form / "unet.onnx"
     [inputs] = pipeline_inputs(build, "unet", 1, seed=VALIDATION_SEED)
@@ -153,8 +149,9 @@ def test_int8_compile_reports_its_psnr_honestly(tiny_build, tmp_path, int8):
     assert 30.0 <= measured < 120.0  # int8 is not bit-exact; a figure of ~200 would mean nothing was quantised
     sensitivity = unet["validation"]["conditioning_sensitivity"]
     assert sensitivity["compiled"] == pytest.approx(sensitivity["reference"], rel=0.2)
-    assert records["fp32"]["components"]["unet"]["validation"]["psnr_db"] >= 80.0
-    assert json.loads((build.path / "build.json").read_text())["compiled"][f"ort-cpu/{form}"] == records[form]
+    assert records["ort-cpu/fp32"]["components"]["unet"]["validation"]["psnr_db"] >= 80.0
+    manifest = json.loads((build.path / "build.json").read_text())
+    assert manifest["compiled"][f"ort-cpu/{form}"] == records[f"ort-cpu/{form}"]
     assert not (build.path / ".staging").exists()
 
 
@@ -190,7 +187,7 @@ def test_profile_json(tiny_build, tmp_path):
 
 
 def test_unknown_target_and_not_a_build(tmp_path, tiny_build):
-    with pytest.raises(MvdError, match="--target: unknown target 'snapdragon-x'"):
-        get_backend("snapdragon-x")
+    with pytest.raises(MvdError, match="--target: unknown target 'snapdragon-x'; known: galaxy-s24, ort-cpu"):
+        resolve_target("snapdragon-x")
     with pytest.raises(MvdError, match="not a build directory"):
         Build(tmp_path)

@@ -24,14 +24,18 @@ class CompileOptions:
 
 
 class Backend:
+    """One backend serves every device profile that names it; several targets go in one call so a
+    device farm can run them together."""
+
     name: ClassVar[str]
 
-    def compile(self, build: Build, options: CompileOptions, quiet: bool = False) -> dict[str, dict]:
-        """Compile every component; returns {form: record} also written to the manifest's ``compiled``."""
+    def compile(self, build: Build, targets: list, options: CompileOptions, quiet: bool = False) -> dict[str, dict]:
+        """Compile every component for each target; returns {"<target>/<form>": record}, each also
+        written to the manifest's ``compiled``."""
         raise NotImplementedError
 
-    def profile(self, build: Build, form: str, runs: int, quiet: bool = False) -> dict:
-        """Measure a compiled form; returns a profile (``new_profile`` schema)."""
+    def profile(self, build: Build, targets: list, form: str | None, runs: int, quiet: bool = False) -> list[dict]:
+        """Measure the compiled form (default: each target's own) per target; ``new_profile`` schema."""
         raise NotImplementedError
 
 
@@ -44,6 +48,7 @@ def new_profile(target: str, form: str, build: Build, device: dict, runs: int) -
       peak_memory_mb: float               peak resident memory while running
       compute_units: {unit: layers}       layers placed per compute unit (NPU/GPU/CPU)
       top_ops: [{name, op_type, ms, share}]  slowest layers of one profiled call
+      psnr_db: float                      the compiled form against the export (on the device for AI Hub)
     """
     return {
         "schema": PROFILE_SCHEMA,

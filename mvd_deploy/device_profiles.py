@@ -1,0 +1,127 @@
+"""Device profiles (``device_profiles/*.yaml``): a compile/profile target and its budgets.
+
+A profile names its backend (``qai-hub`` or ``ort-cpu``), how to pick the device, what to compile
+(runtime, precision, compute unit, extra options) and the budgets CI gates on (latency, peak memory,
+PSNR per component, optionally a whole-pipeline latency).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mvd_deploy.errors import MvdError
+from mvd_deploy.recipe import ConfigSection
+
+PROFILE_DIR = Path(__file__).resolve().parents[1] / "device_profiles"
+BACKEND_NAMES = ("qai-hub", "ort-cpu")
+RUNTIMES = ("qnn_context_binary", "tflite", "onnx", "precompiled_qnn_onnx")
+HUB_PRECISIONS = ("float16", "w8a16")
+ORT_FORMS = ("fp32", "fp16", "int8-dynamic", "int8-static")
+COMPUTE_UNITS = ("npu", "gpu", "cpu", "all")
+COMPONENTS = ("unet", "decoder")
+
+
+@dataclass(frozen=True)
+class Budget:
+    latency_ms: float | None = None
+    peak_memory_mb: float | None = None
+    min_psnr_db: float | None = None
+
+
+@dataclass
+class DeviceProfile:
+    name: str
+    backend: str
+    source: str
+    description: str = ""
+    device_names: tuple[str, ...] = ()
+    device_attributes: tuple[str, ...] = ()
+    runtime: str = "qnn_context_binary"
+    precision: str = "float16"  # qai-hub: float16 | w8a16; ort-cpu: the compiled form to gate
+    compute_unit: str = "npu"
+    compile_options: str = ""
+    profile_options: str = ""
+    calibration_samples: int = 8
+    budgets: dict[str, Budget] = field(default_factory=dict)
+    total_latency_ms: float | None = None
+
+    @property
+    def form(self) -> str:
+        """The compiled form this profile builds and gates (the key under compiled/<target>/)."""
+        return self.precision
+
+
+def _read_budgets(s: ConfigSection) -> tuple[dict[str, Budget], float | None]:
+    budgets = {}
+    total = s.get("total_latency_ms", float, None)
+    for name in [k for k in s.data if k != "total_latency_ms"]:
+        if name not in COMPONENTS:
+            raise s.error(s.key(name), f"is not a component ({', '.join(COMPONENTS)}) or total_latency_ms")
+        b = s.section(name)
+        budget = Budget(
+            latency_ms=b.get("latency_ms", float, None),
+            peak_memory_mb=b.get("peak_memory_mb", float, None),
+            min_psnr_db=b.get("min_psnr_db", float, None),
+        )
+        for key, value in vars(budget).items():
+            if value is not None and value <= 0 and key != "min_psnr_db":
+                raise b.error(b.key(key), f"must be positive, got {value}")
+        b.finish()
+        budgets[name] = budget
+    s.finish()
+    return budgets, total
+
+
+def load_device_profile(path: str | Path) -> DeviceProfile:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise MvdError(f"{path}: cannot read device profile ({e.strerror or e})") from None
+    except yaml.YAMLError:
+        raise MvdError(f"{path}: not valid YAML") from None
+    s = ConfigSection(data, str(path))
+    name = s.get("name", str)
+    backend = s.get("backend", str)
+    if backend not in BACKEND_NAMES:
+        raise s.error("backend", f"must be one of {list(BACKEND_NAMES)}, got {backend!r}")
+    profile = DeviceProfile(name=name, backend=backend, source=str(path), description=s.get("description", str, ""))
+    if backend == "qai-hub":
+        device = s.section("device")
+        profile.device_names = tuple(device.get("names", list, []))
+        profile.device_attributes = tuple(device.get("attributes", list, []))
+        if not profile.device_names and not profile.device_attributes:
+            raise device.error("device", "needs names or attributes to pick an AI Hub device")
+        device.finish()
+        profile.runtime = s.get("runtime", str, "qnn_context_binary")
+        if profile.runtime not in RUNTIMES:
+            raise s.error("runtime", f"must be one of {list(RUNTIMES)}, got {profile.runtime!r}")
+        profile.compute_unit = s.get("compute_unit", str, "npu")
+        if profile.compute_unit not in COMPUTE_UNITS:
+            raise s.error("compute_unit", f"must be one of {list(COMPUTE_UNITS)}, got {profile.compute_unit!r}")
+        profile.compile_options = s.get("compile_options", str, "")
+        profile.profile_options = s.get("profile_options", str, "")
+        profile.calibration_samples = s.get("calibration_samples", int, 8)
+    precision = s.get("precision", str, "float16" if backend == "qai-hub" else "fp32")
+    allowed = HUB_PRECISIONS if backend == "qai-hub" else ORT_FORMS
+    if precision not in allowed:
+        raise s.error("precision", f"must be one of {list(allowed)} for backend {backend}, got {precision!r}")
+    profile.precision = precision
+    profile.budgets, profile.total_latency_ms = _read_budgets(s.section("budgets", {}))
+    s.finish()
+    return profile
+
+
+def resolve_target(target: str) -> DeviceProfile:
+    """A --target value: a profile name in device_profiles/, or a path to a profile YAML."""
+    candidate = Path(target)
+    if candidate.suffix in (".yaml", ".yml"):
+        return load_device_profile(candidate)
+    path = PROFILE_DIR / f"{target}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
+        raise MvdError(f"--target: unknown target {target!r}; known: {known} (or a path to a profile .yaml)")
+    return load_device_profile(path)

@@ -1,0 +1,109 @@
+"""``mvd-deploy pull``: app teams take the compiled artifacts, verified.
+
+SOURCE is a build directory (every compiled form, or the ``--target`` ones) or an AI Hub compile job
+id. Every file is checked against the manifest's sha256 before it is copied; a manifest path that
+points outside its build is refused; the output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path, PurePosixPath
+
+from mvd_deploy.build import Build, sha256_file
+from mvd_deploy.errors import MvdError, ValidationFailed
+from mvd_deploy.fileio import atomic_output_dir, check_output_dir, write_json
+
+PULLED_MANIFEST = "artifacts.json"
+_JOB_ID = re.compile(r"^j[a-z0-9]{5,}$")
+
+
+def _inside(build: Path, relative: str, key: str) -> Path:
+    """``build / relative``, refusing absolute paths and anything that escapes the build."""
+    pure = PurePosixPath(relative)
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts:
+        raise MvdError(f"{build / 'build.json'}: key '{key}': path {relative!r} points outside the build; refused")
+    path = (build / pure).resolve()
+    if not path.is_relative_to(build.resolve()):
+        raise MvdError(f"{build / 'build.json'}: key '{key}': path {relative!r} resolves outside the build; refused")
+    return path
+
+
+def pull(source: str, out: str | Path, targets: list[str] | None = None) -> dict:
+    if Path(source).is_dir():
+        return pull_build(Path(source), Path(out), targets)
+    if _JOB_ID.match(source):
+        return pull_hub_job(source, Path(out))
+    raise MvdError(f"SOURCE {source}: neither a build directory nor an AI Hub compile job id")
+
+
+def pull_build(source: Path, out: Path, targets: list[str] | None = None) -> dict:
+    build = Build(source)
+    check_output_dir(out)
+    compiled = build.manifest.get("compiled", {})
+    keys = [k for k in compiled if targets is None or k.split("/")[0] in targets]
+    if not keys:
+        known = ", ".join(compiled) or "none"
+        raise MvdError(
+            f"{source}: nothing compiled{' for ' + ', '.join(targets) if targets else ''} (compiled: {known})"
+        )
+    files = build.manifest.get("files", {})
+    wanted = {}
+    for key in keys:
+        directory = compiled[key]["directory"]
+        _inside(build.path, directory, f"compiled.{key}.directory")
+        for relative in files:
+            if relative.startswith(directory.rstrip("/") + "/"):
+                wanted[relative] = files[relative]
+    for relative in files:
+        _inside(build.path, relative, f"files.{relative}")
+    with atomic_output_dir(out) as tmp:
+        for relative, entry in wanted.items():
+            path = _inside(build.path, relative, f"files.{relative}")
+            if not path.is_file():
+                raise ValidationFailed(f"{path}: listed in the manifest but missing; nothing was pulled")
+            digest = sha256_file(path)
+            if digest != entry["sha256"] or path.stat().st_size != entry["bytes"]:
+                raise ValidationFailed(
+                    f"{path}: sha256 {digest[:16]}… does not match the manifest's {entry['sha256'][:16]}…; "
+                    f"the artifact was changed after the build — nothing was pulled"
+                )
+            target = tmp / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        record = {
+            "source": str(source),
+            "pulled": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": build.manifest.get("model"),
+            "components": {n: {"inputs": c["inputs"], "outputs": c["outputs"]} for n, c in build.components.items()},
+            "compiled": {k: compiled[k] for k in keys},
+            "files": {r: {"sha256": e["sha256"], "bytes": e["bytes"]} for r, e in wanted.items()},
+            "toolchain": build.manifest.get("toolchain"),
+        }
+        write_json(tmp / PULLED_MANIFEST, record)
+    return record
+
+
+def pull_hub_job(job_id: str, out: Path) -> dict:
+    from mvd_deploy.backends.qai_hub import _client, hub_errors
+
+    check_output_dir(out)
+    hub = _client()
+    with hub_errors(hub), atomic_output_dir(out) as tmp:
+        job = hub.get_job(job_id)
+        status = job.get_status()
+        if not status.success:
+            raise ValidationFailed(
+                f"AI Hub job {job_id} is not a finished compile job ({status.state.name}; {job.url})"
+            )
+        written = Path(job.download_target_model(str(tmp / "model")) or tmp / "model")
+        record = {
+            "source": f"qai-hub:{job_id}",
+            "job_url": job.url,
+            "pulled": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": {written.name: {"sha256": sha256_file(written), "bytes": written.stat().st_size}},
+        }
+        write_json(tmp / PULLED_MANIFEST, record)
+    return record

@@ -1,0 +1,193 @@
+"""``mvd-deploy report BUILD``: one HTML page with PNG plots — FLOPs per stage beside the paper's
+Table 8, latency per component and target, the slowest ops — and the tables behind them."""
+
+from __future__ import annotations
+
+import html
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from mvd_deploy.build import Build, summary_rows
+from mvd_deploy.fileio import load_json
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_stages(stages: list[dict], path: Path) -> None:
+    plt = _plt()
+    labels = [s["stage"].split(" = ")[0].replace("+ ", "+\n", 1) for s in stages]
+    ours = [s["tflops"] for s in stages]
+    paper = [s["paper_tflops"] for s in stages]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    x = range(len(stages))
+    ax.bar([i - 0.2 for i in x], ours, width=0.4, label="mvd-deploy (counted on the rewritten model)")
+    if any(p is not None for p in paper):
+        ax.bar([i + 0.2 for i in x], [p or 0 for p in paper], width=0.4, label="paper, Table 8")
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylabel("TFLOPs per UNet call")
+    ax.set_title("FLOPs after each optimisation")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_latency(profiles: list[dict], path: Path) -> None:
+    plt = _plt()
+    components = sorted({c for p in profiles for c in p["components"]})
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(len(profiles), 1)
+    for i, profile in enumerate(profiles):
+        values = [profile["components"].get(c, {}).get("latency_ms", {}).get("p50", 0) for c in components]
+        ax.bar(
+            [j + i * width for j in range(len(components))],
+            values,
+            width=width,
+            label=f"{profile['target']}/{profile['form']}",
+        )
+    ax.set_xticks([j + width * (len(profiles) - 1) / 2 for j in range(len(components))], components)
+    ax.set_ylabel("p50 latency per call (ms)")
+    ax.set_yscale("log")
+    ax.set_title("Latency per component and target")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_top_ops(profile: dict, path: Path) -> None:
+    plt = _plt()
+    components = list(profile["components"])
+    fig, axes = plt.subplots(1, len(components), figsize=(6 * len(components), 4), squeeze=False)
+    for ax, name in zip(axes[0], components, strict=True):
+        ops = profile["components"][name]["top_ops"][::-1]
+        ax.barh([f"{o['op_type']} {o['name'][-18:]}" for o in ops], [o["ms"] for o in ops])
+        ax.set_xlabel("ms in one call")
+        ax.set_title(f"{name}: slowest ops")
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(f"{profile['target']}/{profile['form']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(build_dir: str | Path, out: str | Path | None = None) -> dict:
+    build = Build(build_dir)
+    out = Path(out) if out else build.path / "report"
+    profiles = (
+        [load_json(p, "profile") for p in sorted((build.path / "profiles").glob("*.json"))]
+        if (build.path / "profiles").is_dir()
+        else []
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        images, sections = [], []
+        m = build.manifest
+        sections.append(
+            f"<h1>mvd-deploy build: {html.escape(str(m.get('model')))}</h1>"
+            f"<p>{html.escape(str(build.path))} — precision {m.get('precision')}, conditioning "
+            f"{m.get('conditioning')}, created {m.get('created')}</p>"
+        )
+        stages = m.get("stages")
+        if stages:
+            plot_stages(stages, tmp / "stages.png")
+            images.append("stages.png")
+            sections.append(
+                "<h2>FLOPs per stage (paper Table 8)</h2><img src='stages.png' alt='FLOPs per stage'>"
+                + _table(
+                    ["stage", "NFE", "TFLOPs", "paper", "Δ %"],
+                    [
+                        [
+                            s["stage"],
+                            s["nfe"],
+                            f"{s['tflops']:.3f}",
+                            s["paper_tflops"] or "-",
+                            f"{s['delta_pct']:+.1f}" if s["delta_pct"] is not None else "-",
+                        ]
+                        for s in stages
+                    ],
+                )
+            )
+        if profiles:
+            plot_latency(profiles, tmp / "latency.png")
+            images.append("latency.png")
+            sections.append("<h2>Latency</h2><img src='latency.png' alt='latency per component'>")
+            for profile in profiles:
+                name = f"top_ops_{profile['target']}_{profile['form']}.png"
+                plot_top_ops(profile, tmp / name)
+                images.append(name)
+                sections.append(
+                    f"<h3>Slowest ops: {html.escape(profile['target'])}/{html.escape(profile['form'])}"
+                    f"</h3><img src='{name}' alt='slowest ops'>"
+                )
+        rows = summary_rows(build)
+        sections.append(
+            "<h2>Components and compiled forms</h2>"
+            + _table(
+                ["component", "form", "params", "TFLOPs", "PSNR dB", "p50 ms", "peak MB"],
+                [
+                    [
+                        r["component"],
+                        r["form"],
+                        f"{r['params']:,}",
+                        f"{r['tflops']:.3f}",
+                        r["psnr_db"] or "-",
+                        r["p50_ms"] or "-",
+                        r["peak_memory_mb"] or "-",
+                    ]
+                    for r in rows
+                ],
+            )
+        )
+        gates = m.get("gates", {})
+        if gates:
+            sections.append(
+                "<h2>Gates</h2>"
+                + _table(
+                    ["target/form", "component", "metric", "measured", "budget", "result"],
+                    [
+                        [
+                            key,
+                            c["component"],
+                            c["metric"],
+                            c["measured"],
+                            c["budget"],
+                            "pass" if c["passed"] else "FAIL",
+                        ]
+                        for key, g in gates.items()
+                        for c in g["checks"]
+                    ],
+                )
+            )
+        page = (
+            "<!doctype html><html><head><meta charset='utf-8'><title>mvd-deploy report</title><style>"
+            "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style></head><body>"
+            + "".join(sections)
+            + "</body></html>"
+        )
+        (tmp / "index.html").write_text(page)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"report": str(out / "index.html"), "images": images}
