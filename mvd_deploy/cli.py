@@ -78,6 +78,28 @@ def inspect_cmd(target, stages, as_json):
         _emit(inspect_model(target), as_json, format_inspect)
 
 
+def _deploy_options(command):
+    """The options every command that runs the deploy passes shares."""
+    for option in reversed(
+        [
+            click.option(
+                "--keep-conditioning-inputs",
+                is_flag=True,
+                help="Leave out fold_conditioning: timestep and added_time_ids stay UNet inputs.",
+            ),
+            click.option(
+                "--taesd",
+                "taesd_dir",
+                type=click.Path(file_okay=False),
+                help="Local diffusers AutoencoderTiny directory (default: random init).",
+            ),
+            click.option("--decoder-seed", default=0, show_default=True, type=int, help="Seed of a random-init TAESD."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 def _pass_list(value: str | None) -> list[str] | None:
     return None if value is None else [name.strip() for name in value.split(",") if name.strip()]
 
@@ -85,18 +107,7 @@ def _pass_list(value: str | None) -> list[str] | None:
 @main.command("passes")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--passes", "passes", help="Comma-separated pass list (default: the checkpoint's deploy_passes).")
-@click.option(
-    "--keep-conditioning-inputs",
-    is_flag=True,
-    help="Leave out fold_conditioning: timestep and added_time_ids stay inputs.",
-)
-@click.option(
-    "--taesd",
-    "taesd_dir",
-    type=click.Path(file_okay=False),
-    help="Local diffusers AutoencoderTiny directory (default: random init).",
-)
-@click.option("--decoder-seed", default=0, show_default=True, type=int, help="Seed of a random-init TAESD.")
+@_deploy_options
 @click.option(
     "--tolerance",
     default=1e-4,
@@ -127,18 +138,7 @@ def passes_cmd(checkpoint, passes, keep_conditioning_inputs, taesd_dir, decoder_
 )
 @click.option("--components", help="Comma-separated: unet,decoder (default: every component the passes make).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option(
-    "--keep-conditioning-inputs",
-    is_flag=True,
-    help="Leave out fold_conditioning: timestep and added_time_ids stay UNet inputs.",
-)
-@click.option(
-    "--taesd",
-    "taesd_dir",
-    type=click.Path(file_okay=False),
-    help="Local diffusers AutoencoderTiny directory (default: random init).",
-)
-@click.option("--decoder-seed", default=0, show_default=True, type=int, help="Seed of a random-init TAESD.")
+@_deploy_options
 @click.option("--min-psnr", type=float, help="Validation threshold in dB (default: fp32 80, fp16 40).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build manifest as JSON.")
 @_user_errors

@@ -7,6 +7,7 @@ import html
 import os
 import shutil
 import tempfile
+import textwrap
 from pathlib import Path
 
 from mvd_deploy.build import Build, summary_rows
@@ -24,16 +25,18 @@ def _plt():
 
 def plot_stages(stages: list[dict], path: Path) -> None:
     plt = _plt()
-    labels = [s["stage"].split(" = ")[0].replace("+ ", "+\n", 1) for s in stages]
-    ours = [s["tflops"] for s in stages]
-    paper = [s["paper_tflops"] for s in stages]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    labels = [textwrap.fill(s["stage"].split(" = ")[0].split(" (")[0], 16) for s in stages]
+    giga = max(s["tflops"] for s in stages) < 0.1  # tiny models read better in GFLOPs
+    scale, unit = (1e3, "GFLOPs") if giga else (1.0, "TFLOPs")
+    ours = [s["tflops"] * scale for s in stages]
+    paper = [(s["paper_tflops"] or 0) * scale for s in stages]
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     x = range(len(stages))
     ax.bar([i - 0.2 for i in x], ours, width=0.4, label="mvd-deploy (counted on the rewritten model)")
-    if any(p is not None for p in paper):
-        ax.bar([i + 0.2 for i in x], [p or 0 for p in paper], width=0.4, label="paper, Table 8")
+    if any(paper):
+        ax.bar([i + 0.2 for i in x], paper, width=0.4, label="paper, Table 8")
     ax.set_xticks(list(x), labels, fontsize=8)
-    ax.set_ylabel("TFLOPs per UNet call")
+    ax.set_ylabel(f"{unit} per UNet call")
     ax.set_title("FLOPs after each optimisation")
     ax.legend()
     fig.tight_layout()
@@ -111,13 +114,13 @@ def write_report(build_dir: str | Path, out: str | Path | None = None) -> dict:
             sections.append(
                 "<h2>FLOPs per stage (paper Table 8)</h2><img src='stages.png' alt='FLOPs per stage'>"
                 + _table(
-                    ["stage", "NFE", "TFLOPs", "paper", "Δ %"],
+                    ["stage", "NFE", "GFLOPs", "paper GFLOPs", "Δ %"],
                     [
                         [
                             s["stage"],
                             s["nfe"],
-                            f"{s['tflops']:.3f}",
-                            s["paper_tflops"] or "-",
+                            f"{s['flops'] / 1e9:,.1f}",
+                            f"{s['paper_tflops'] * 1e3:,.0f}" if s["paper_tflops"] else "-",
                             f"{s['delta_pct']:+.1f}" if s["delta_pct"] is not None else "-",
                         ]
                         for s in stages

@@ -111,7 +111,7 @@ def test_profile_gate_on_ort_cpu(tiny_build, tmp_path):
     assert (build / "profiles" / "ort-cpu-fp32.junit.xml").is_file()
     tight = tmp_path / "tight.yaml"
     tight.write_text(
-        (ROOT / "device_profiles" / "ort-cpu.yaml").read_text().replace("latency_ms: 60000", "latency_ms: 0.001")
+        (ROOT / "device_profiles" / "ort-cpu.yaml").read_text().replace("latency_ms: 20000", "latency_ms: 0.001")
     )
     result = runner.invoke(main, ["profile", str(build), "--target", str(tight), "--runs", "1", "--gate"])
     assert result.exit_code == 1
