@@ -126,6 +126,30 @@ def test_fold_conditioning_removes_the_conditioning_inputs(train_time_unet):
     assert train_time_unet.time_embedding is None and train_time_unet.add_embedding is None
 
 
+@torch.no_grad()
+def test_chunk_attention_splits_the_queries_exactly(train_time_unet, monkeypatch):
+    import torch.nn.functional as F
+
+    import mvd_deploy.passes.chunk_attention as chunk_attention
+
+    before = copy.deepcopy(train_time_unet)
+    [result] = run_passes(
+        DeployPipeline(train_time_unet), make_passes(["chunk_attention"], PassOptions(attention_chunk_tokens=16))
+    )
+    assert result.changed == "spatial self-attention in chunks of 16 queries in 16 layers"
+    query_lengths = []
+
+    def spy(query, key, value, **kwargs):
+        query_lengths.append((query.shape[2], key.shape[2]))
+        return F.scaled_dot_product_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(chunk_attention, "F", type("F", (), {"scaled_dot_product_attention": staticmethod(spy)}))
+    inputs = train_time_unet.example_inputs(seed=8)
+    output = train_time_unet(**inputs)
+    assert (16, 128) in query_lengths and all(q <= 16 for q, _ in query_lengths)  # 128 tokens → 8 chunks
+    assert relative_error(output, before(**inputs)) <= 1e-6
+
+
 # -- the decoder --------------------------------------------------------------------------------------
 @torch.no_grad()
 def test_taesd_decoder_decodes_every_frame(train_time_unet):
@@ -191,6 +215,7 @@ def test_cli_passes_json_and_errors(tmp_path, train_time_unet):
         "merge_funnels",
         "strip_temporal",
         "single_token_cross_attention",
+        "chunk_attention",
         "taesd_decoder",
     ]
     assert all(r["rel_error"] <= 1e-4 for r in log if r["exact"])

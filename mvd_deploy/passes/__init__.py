@@ -4,6 +4,7 @@ A new pass is one new file and one line in PASSES.
 """
 
 from mvd_deploy.passes.base import DeployPipeline, Pass, PassError, PassOptions
+from mvd_deploy.passes.chunk_attention import ChunkAttention
 from mvd_deploy.passes.fold_conditioning import FoldConditioning
 from mvd_deploy.passes.merge_funnels import MergeFunnels
 from mvd_deploy.passes.single_token_cross_attention import SingleTokenCrossAttentionPass
@@ -12,7 +13,14 @@ from mvd_deploy.passes.taesd_decoder import TAESDDecoderPass
 
 PASSES: dict[str, type[Pass]] = {
     cls.name: cls
-    for cls in (MergeFunnels, StripTemporal, SingleTokenCrossAttentionPass, FoldConditioning, TAESDDecoderPass)
+    for cls in (
+        MergeFunnels,
+        StripTemporal,
+        SingleTokenCrossAttentionPass,
+        FoldConditioning,
+        ChunkAttention,
+        TAESDDecoderPass,
+    )
 }
 DEFAULT_PASSES = tuple(PASSES)
 

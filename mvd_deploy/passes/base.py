@@ -21,6 +21,7 @@ class PassOptions:
 
     taesd_dir: Path | None = None  # local diffusers AutoencoderTiny directory; None → random init
     decoder_seed: int = 0
+    attention_chunk_tokens: int = 512  # chunk_attention: queries per chunk
 
 
 class DeployPipeline(nn.Module):
