@@ -25,7 +25,6 @@ from mvd_deploy.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from mvd_deploy.deploy import deploy
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.fileio import atomic_output_dir, check_output_dir, write_json
-from mvd_deploy.flops import count_flops, count_model_flops
 from mvd_deploy.onnx_tools import Float32IO, check_onnx, compare, describe_io, export_onnx, run_onnx, simplify_onnx
 from mvd_deploy.progress import Stages
 from mvd_deploy.stages import stage_table
@@ -55,8 +54,7 @@ def component_inputs(pipeline, component: str, seed: int = VALIDATION_SEED) -> d
     unet = pipeline.unet
     if component == "unet":
         return unet.example_inputs(seed=seed)
-    shape = unet.spec.latent_shape[:2] + (unet.spec.unet["out_channels"],) + unet.spec.latent_shape[3:]
-    return {"latents": torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))}
+    return {"latents": torch.randn(pipeline.decoder_input_shape(), generator=torch.Generator().manual_seed(seed + 1))}
 
 
 def parse_components(value: str | list[str] | None) -> list[str] | None:
@@ -120,7 +118,7 @@ def export_build(
     }
     # Inputs and FLOPs first: each component's PyTorch model is freed once it is exported.
     inputs = {name: component_inputs(pipeline, name) for name in components}
-    flops = {name: component_flops(pipeline, name) for name in components}
+    flops = {name: pipeline.flops(name) for name in components}
     with atomic_output_dir(out) as tmp:
         for name in components:
             record = _export_component(pipeline, name, inputs[name], precision, threshold, tmp, quiet)
@@ -138,14 +136,6 @@ def release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def component_flops(pipeline, component: str) -> int:
-    """FLOPs of one call of the component at its deploy shape (meta stand-ins, nothing computed)."""
-    if component == "unet":
-        return count_model_flops(pipeline.unet).total
-    inputs = {k: v.to("meta") for k, v in component_inputs(pipeline, component).items()}
-    return count_flops(pipeline.decoder, inputs).total
 
 
 def _export_component(pipeline, name, inputs, precision: str, threshold: float, directory: Path, quiet: bool) -> dict:

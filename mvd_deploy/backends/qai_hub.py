@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mvd_deploy.backends.base import Backend, CompileOptions, finish_profile, new_profile
-from mvd_deploy.backends.ort_cpu import pipeline_inputs
+from mvd_deploy.backends.ort_cpu import pipeline_inputs, relative_change
 from mvd_deploy.build import Build
 from mvd_deploy.errors import MvdError
 from mvd_deploy.onnx_tools import compare, ort_session
@@ -334,11 +334,10 @@ class QaiHubBackend(Backend):
         device = [np.asarray(o, np.float32).reshape(local[0].shape) for o in next(iter(outputs.values()))]
         check = compare(device[0], local[0])
         if "encoder_hidden_states" in inputs:
-
-            def relative_change(pair):
-                return float(np.linalg.norm(pair[0] - pair[1]) / max(np.linalg.norm(pair[0]), 1e-30))
-
-            check["conditioning_sensitivity"] = {"device": relative_change(device), "reference": relative_change(local)}
+            check["conditioning_sensitivity"] = {
+                "device": relative_change(*device),
+                "reference": relative_change(*local),
+            }
         return check
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from mvd_deploy.errors import MvdError
@@ -34,6 +35,21 @@ class DeployPipeline(nn.Module):
 
     def components(self) -> dict[str, nn.Module]:
         return {name: m for name, m in (("unet", self.unet), ("decoder", self.decoder)) if m is not None}
+
+    def decoder_input_shape(self) -> tuple[int, ...]:
+        """The latents the decoder takes: the UNet's output at the deploy shape."""
+        spec = self.unet.spec
+        return spec.latent_shape[:2] + (spec.unet["out_channels"],) + spec.latent_shape[3:]
+
+    def flops(self, component: str) -> int:
+        """FLOPs of one call of ``component`` at the deploy shape (meta stand-ins); 0 when absent."""
+        from mvd_deploy.flops import count_flops, count_model_flops
+
+        if component == "unet":
+            return count_model_flops(self.unet).total
+        if self.decoder is None:
+            return 0
+        return count_flops(self.decoder, {"latents": torch.empty(self.decoder_input_shape(), device="meta")}).total
 
 
 class Pass:

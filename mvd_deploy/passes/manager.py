@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from mvd_deploy.flops import count_flops, count_model_flops
 from mvd_deploy.passes import PASSES, DeployPipeline, Pass, PassError, PassOptions
 
 DEFAULT_TOLERANCE = 1e-4
@@ -61,16 +60,6 @@ def _params(module) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
-def _flops(pipeline: DeployPipeline, component: str) -> int:
-    if component == "unet":
-        return count_model_flops(pipeline.unet).total
-    if pipeline.decoder is None:
-        return 0
-    spec = pipeline.unet.spec
-    latents = torch.empty(spec.latent_shape[:2] + (spec.unet["out_channels"],) + spec.latent_shape[3:], device="meta")
-    return count_flops(pipeline.decoder, {"latents": latents}).total
-
-
 def run_passes(
     pipeline: DeployPipeline,
     passes: list[Pass],
@@ -100,7 +89,7 @@ def run_passes(
                 raise PassError(f"pass {p.name!r} (number {i + 1} in the list) cannot run: {reason}")
             component = p.component
             if component not in counted:  # later passes start from the previous pass's counts
-                counted[component] = (_params(pipeline.components().get(component)), _flops(pipeline, component))
+                counted[component] = (_params(pipeline.components().get(component)), pipeline.flops(component))
             params_before, flops_before = counted[component]
             start = time.perf_counter()
             changed = p.run(pipeline)
@@ -120,7 +109,7 @@ def run_passes(
                 frames = pipeline.decoder(reference)
                 if not torch.isfinite(frames).all():
                     raise PassError(f"pass {p.name!r}: the decoder produced non-finite frames")
-            counted[component] = (_params(pipeline.components().get(component)), _flops(pipeline, component))
+            counted[component] = (_params(pipeline.components().get(component)), pipeline.flops(component))
             results.append(
                 PassResult(
                     name=p.name,
