@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,20 @@ def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Graph:
+    """One ONNX graph a backend compiles: a whole component, or one part of a component split to fit
+    a device's per-context limit (``components.<name>.parts`` in the manifest, run in order, each
+    part's outputs feeding the next parts' inputs of the same name)."""
+
+    component: str
+    name: str  # "unet", or "unet.part0", "unet.part1", ...
+    onnx: Path
+    data: Path | None
+    inputs: list[dict]  # [{name, shape, dtype}], as describe_io gives them
+    outputs: list[dict]
 
 
 class Build:
@@ -45,6 +60,23 @@ class Build:
 
     def onnx_path(self, component: str) -> Path:
         return self.path / self.components[component]["onnx"]
+
+    def graphs(self, component: str) -> list[Graph]:
+        """The graphs that make ``component``: its parts in order when the build holds parts, else the
+        whole exported model."""
+        record = self.components[component]
+        entries = record.get("parts", {}).get("graphs") or [dict(record, name=component)]
+        return [
+            Graph(
+                component=component,
+                name=entry["name"],
+                onnx=self.path / entry["onnx"],
+                data=self.path / entry["data"] if entry.get("data") else None,
+                inputs=entry["inputs"],
+                outputs=entry["outputs"],
+            )
+            for entry in entries
+        ]
 
     def random_inputs(self, component: str, seed: int) -> dict[str, np.ndarray]:
         """Fixed random float32 inputs of the component's static shapes."""
