@@ -38,14 +38,19 @@ _DIFFUSERS_CHILDREN = (
 )
 
 
+# Both are written at rank 3: the Snapdragon HTP refuses rank-6 tensors, which the natural
+# (B, F/2, 2, C, H, W) form exports to. Frames are consecutive within a video in B·F, so pairs of
+# rows of (B·F, C·H·W) are pairs of frames; the arithmetic is the same mean of two.
 def temporal_downsample(x: torch.Tensor, frames: int) -> torch.Tensor:
     """(B·F, C, H, W) → (B·F/2, C, H, W): the mean of each pair of consecutive frames."""
-    return x.unflatten(0, (-1, frames // 2, 2)).mean(dim=2).flatten(0, 1)
+    n, c, h, w = x.shape
+    return x.reshape(n // 2, 2, c * h * w).mean(dim=1).reshape(n // 2, c, h, w)
 
 
 def temporal_upsample(x: torch.Tensor, frames: int) -> torch.Tensor:
     """(B·F, C, H, W) → (B·2F, C, H, W): nearest neighbour along time (each frame twice)."""
-    return x.unflatten(0, (-1, frames)).repeat_interleave(2, dim=1).flatten(0, 1)
+    n, c, h, w = x.shape
+    return x.reshape(n, 1, c * h * w).expand(n, 2, c * h * w).reshape(2 * n, c, h, w)
 
 
 class MobileVDUNet(nn.Module):
