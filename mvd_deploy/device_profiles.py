@@ -25,6 +25,15 @@ COMPONENTS = ("unet", "decoder")
 
 
 @dataclass(frozen=True)
+class Chipset:
+    """The Snapdragon SoC a phone profile targets, as the offline QNN HTP compiler names it."""
+
+    name: str  # e.g. SM8650
+    soc_model: int  # QNN's SoC id (57 = SM8650, 69 = SM8750, 43 = SM8550)
+    htp_arch: int  # Hexagon architecture version (75 = v75, 79 = v79)
+
+
+@dataclass(frozen=True)
 class Budget:
     latency_ms: float | None = None
     peak_memory_mb: float | None = None
@@ -44,7 +53,9 @@ class DeviceProfile:
     compute_unit: str = "npu"
     compile_options: str = ""
     profile_options: str = ""
-    calibration_samples: int = 8
+    calibration_samples: int = 100
+    chipset: Chipset | None = None
+    context_limit_mb: float = 2048.0  # one HTP context: the NPU is a 32-bit co-processor
     budgets: dict[str, Budget] = field(default_factory=dict)
     total_latency_ms: float | None = None
 
@@ -104,8 +115,19 @@ def load_device_profile(path: str | Path) -> DeviceProfile:
             raise s.error("compute_unit", f"must be one of {list(COMPUTE_UNITS)}, got {profile.compute_unit!r}")
         profile.compile_options = s.get("compile_options", str, "")
         profile.profile_options = s.get("profile_options", str, "")
-        profile.calibration_samples = s.get("calibration_samples", int, 8)
-    precision = s.get("precision", str, "float16" if backend == "qai-hub" else "fp32")
+        profile.calibration_samples = s.get("calibration_samples", int, 100)
+        if profile.calibration_samples < 1:
+            raise s.error("calibration_samples", f"must be at least 1, got {profile.calibration_samples}")
+        if "chipset" in s.data:
+            chip = s.section("chipset")
+            profile.chipset = Chipset(
+                name=chip.get("name", str), soc_model=chip.get("soc_model", int), htp_arch=chip.get("htp_arch", int)
+            )
+            chip.finish()
+        profile.context_limit_mb = s.get("context_limit_mb", float, 2048.0)
+        if profile.context_limit_mb <= 0:
+            raise s.error("context_limit_mb", f"must be positive, got {profile.context_limit_mb}")
+    precision = s.get("precision", str, "w8a16" if backend == "qai-hub" else "fp32")
     allowed = HUB_PRECISIONS if backend == "qai-hub" else ORT_FORMS
     if precision not in allowed:
         raise s.error("precision", f"must be one of {list(allowed)} for backend {backend}, got {precision!r}")
