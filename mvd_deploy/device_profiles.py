@@ -36,6 +36,9 @@ class Chipset:
 @dataclass(frozen=True)
 class Budget:
     latency_ms: float | None = None
+    # CPU targets: achieved FLOP/s ÷ this CPU's fp32 GEMM FLOP/s measured in the same profile run.
+    # A latency budget that holds on whatever CPU runs it (phones keep absolute ones: fixed hardware).
+    min_compute_efficiency: float | None = None
     peak_memory_mb: float | None = None
     min_psnr_db: float | None = None
 
@@ -56,6 +59,9 @@ class DeviceProfile:
     calibration_samples: int = 100
     chipset: Chipset | None = None
     context_limit_mb: float = 2048.0  # one HTP context: the NPU is a 32-bit co-processor
+    # Weights per compiled graph: a larger component is compiled in parts (mvd_deploy/parts.py), so
+    # each context stays well inside the limit and each offline compile inside this machine's memory.
+    max_part_weights_mb: float = 512.0
     budgets: dict[str, Budget] = field(default_factory=dict)
     total_latency_ms: float | None = None
 
@@ -74,12 +80,18 @@ def _read_budgets(s: ConfigSection) -> tuple[dict[str, Budget], float | None]:
         b = s.section(name)
         budget = Budget(
             latency_ms=b.get("latency_ms", float, None),
+            min_compute_efficiency=b.get("min_compute_efficiency", float, None),
             peak_memory_mb=b.get("peak_memory_mb", float, None),
             min_psnr_db=b.get("min_psnr_db", float, None),
         )
         for key, value in vars(budget).items():
             if value is not None and value <= 0 and key != "min_psnr_db":
                 raise b.error(b.key(key), f"must be positive, got {value}")
+        if budget.min_compute_efficiency is not None and budget.min_compute_efficiency > 1:
+            raise b.error(
+                b.key("min_compute_efficiency"),
+                f"is a fraction of the GEMM rate (≤ 1), got {budget.min_compute_efficiency}",
+            )
         b.finish()
         budgets[name] = budget
     s.finish()
@@ -124,9 +136,11 @@ def load_device_profile(path: str | Path) -> DeviceProfile:
                 name=chip.get("name", str), soc_model=chip.get("soc_model", int), htp_arch=chip.get("htp_arch", int)
             )
             chip.finish()
-        profile.context_limit_mb = s.get("context_limit_mb", float, 2048.0)
-        if profile.context_limit_mb <= 0:
-            raise s.error("context_limit_mb", f"must be positive, got {profile.context_limit_mb}")
+        for key in ("context_limit_mb", "max_part_weights_mb"):
+            value = s.get(key, float, getattr(profile, key))
+            if value <= 0:
+                raise s.error(key, f"must be positive, got {value}")
+            setattr(profile, key, value)
     precision = s.get("precision", str, "w8a16" if backend == "qai-hub" else "fp32")
     allowed = HUB_PRECISIONS if backend == "qai-hub" else ORT_FORMS
     if precision not in allowed:

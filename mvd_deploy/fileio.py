@@ -28,7 +28,7 @@ def atomic_output_dir(out: Path, option: str = "--out") -> Iterator[Path]:
         raise MvdError(f"{option} {out}: cannot write there ({e.strerror or e})") from None
     try:
         yield tmp
-        _umask_permissions(tmp)
+        umask_permissions(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -51,7 +51,7 @@ def check_output_dir(out: Path, option: str = "--out") -> Path:
     return out
 
 
-def _umask_permissions(root: Path) -> None:
+def umask_permissions(root: Path) -> None:
     """mkdtemp makes a private (0700) directory; give the finished output the usual permissions."""
     umask = os.umask(0)
     os.umask(umask)

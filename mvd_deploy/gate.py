@@ -15,11 +15,23 @@ from mvd_deploy.device_profiles import DeviceProfile
 from mvd_deploy.errors import MvdError
 from mvd_deploy.fileio import load_json
 
+
+def _compute_efficiency(component: dict, profile: dict) -> float | None:
+    """Achieved FLOP/s at p50 over the device's fp32 GEMM rate (both measured in the profile run)."""
+    gemm = profile.get("device", {}).get("gemm_gflops")
+    p50, flops = component["latency_ms"]["p50"], component.get("flops")
+    if not gemm or not p50 or not flops:
+        return None
+    return round(flops / (p50 / 1000) / (gemm * 1e9), 4)
+
+
 _METRICS = (  # (budget field, profile reader, unit, passes when measured is ...)
-    ("latency_ms", lambda c: c["latency_ms"]["p50"], "ms", "at most"),
-    ("peak_memory_mb", lambda c: c["peak_memory_mb"], "MB", "at most"),
-    ("min_psnr_db", lambda c: c.get("psnr_db"), "dB", "at least"),
+    ("latency_ms", lambda c, p: c["latency_ms"]["p50"], "ms", "at most"),
+    ("min_compute_efficiency", _compute_efficiency, "of GEMM rate", "at least"),
+    ("peak_memory_mb", lambda c, p: c["peak_memory_mb"], "MB", "at most"),
+    ("min_psnr_db", lambda c, p: c.get("psnr_db"), "dB", "at least"),
 )
+_AT_LEAST = {field for field, _, _, direction in _METRICS if direction == "at least"}
 
 
 @dataclass
@@ -51,7 +63,7 @@ def gate(profile: dict, budget: DeviceProfile) -> list[Check]:
             limit = getattr(limits, field)
             if limit is None:
                 continue
-            measured = read(measured_component) if measured_component else None
+            measured = read(measured_component, profile) if measured_component else None
             if measured is None:
                 note = "not profiled" if measured_component is None else "not measured"
                 checks.append(Check(component, field, None, limit, unit, False, note))
@@ -86,7 +98,7 @@ def gate_report(profile: dict, budget: DeviceProfile, checks: list[Check]) -> di
 
 def _describe(c: Check) -> str:
     measured = "missing" if c.measured is None else f"{c.measured:g} {c.unit}"
-    relation = "≥" if c.metric == "min_psnr_db" else "≤"
+    relation = "≥" if c.metric in _AT_LEAST else "≤"
     return f"{c.component} {c.metric}: measured {measured}, budget {relation} {c.budget:g} {c.unit}"
 
 
@@ -119,7 +131,7 @@ def markdown(report: dict) -> str:
     ]
     for c in map(lambda d: Check(**d), report["checks"]):
         measured = "missing" if c.measured is None else f"{c.measured:g} {c.unit}"
-        relation = "≥" if c.metric == "min_psnr_db" else "≤"
+        relation = "≥" if c.metric in _AT_LEAST else "≤"
         lines.append(
             f"| {c.component} | {c.metric} | {measured} | {relation} {c.budget:g} {c.unit} | "
             f"{'✅' if c.passed else '❌'} |"

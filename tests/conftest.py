@@ -2,38 +2,29 @@
 
 from __future__ import annotations
 
-import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from click.testing import CliRunner
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "models" / "tiny.yaml"
+from helpers import TINY
+
+# A test that needs an exported model (tens of seconds to build, shared per session) is slow.
+_EXPORTED = {"tiny_checkpoint", "tiny_build", "tiny_compiled_build", "compiled_build"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if _EXPORTED & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
     torch.set_num_threads(2)
-
-
-def write_recipe(path: Path, **mobilevd_overrides) -> Path:
-    """A copy of the tiny recipe with some ``mobilevd`` settings changed."""
-    data = yaml.safe_load(TINY.read_text())
-    data["mobilevd"].update(mobilevd_overrides)
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def tiny_spec(**mobilevd_overrides):
-    from mvd_deploy.flops import with_resolved_gates
-    from mvd_deploy.recipe import load_recipe
-
-    spec = load_recipe(TINY)
-    spec = dataclasses.replace(spec, mobilevd=dataclasses.replace(spec.mobilevd, **mobilevd_overrides))
-    return with_resolved_gates(spec)
 
 
 @pytest.fixture(scope="session")
@@ -55,5 +46,19 @@ def tiny_build(tiny_checkpoint, tmp_path_factory) -> Path:
     return out
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
+@pytest.fixture(scope="session")
+def tiny_compiled_build(tiny_build, tmp_path_factory) -> Path:
+    """The tiny build compiled for ort-cpu (fp32), once per session; copy it before changing it
+    (the ``compiled_build`` fixture does)."""
+    from mvd_deploy.cli import main
+
+    build = Path(shutil.copytree(tiny_build, tmp_path_factory.mktemp("builds") / "tiny-compiled"))
+    result = CliRunner().invoke(main, ["compile", str(build), "--target", "ort-cpu"])
+    assert result.exit_code == 0, result.output
+    return build
+
+
+@pytest.fixture
+def compiled_build(tiny_compiled_build, tmp_path) -> Path:
+    """A private copy of the ort-cpu-compiled tiny build."""
+    return Path(shutil.copytree(tiny_compiled_build, tmp_path / "build"))

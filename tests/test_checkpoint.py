@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from diffusers import UNetSpatioTemporalConditionModel
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, TINY, relative_error, tiny_spec, write_recipe
+from helpers import ROOT, TINY, relative_error, tiny_spec, write_recipe
 from mvd_deploy.checkpoint import CONFIG_FILE, WEIGHTS_FILE, init_checkpoint, load_checkpoint, save_checkpoint
 from mvd_deploy.cli import main
 from mvd_deploy.errors import MvdError

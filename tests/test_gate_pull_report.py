@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hub_double import FakeHub
 
 import mvd_deploy.backends.qai_hub as hub_backend
-from conftest import ROOT
+from helpers import ROOT
+from hub_double import FakeHub
 from mvd_deploy.backends.base import CompileOptions
 from mvd_deploy.backends.qai_hub import QaiHubBackend
 from mvd_deploy.build import Build, sha256_file
@@ -102,31 +102,30 @@ def test_gate_usage_errors_exit_2(tmp_path, args, message):
     assert result.exit_code == 2 and message in result.stderr
 
 
-def test_profile_gate_on_ort_cpu(tiny_build, tmp_path):
-    build = Path(shutil.copytree(tiny_build, tmp_path / "build"))
+def test_profile_gate_on_ort_cpu(compiled_build, tmp_path):
+    """CPU latency budgets are shares of this CPU's GEMM rate measured in the same run: a floor far
+    under what any CPU reaches passes, one no CPU can reach fails, whatever the machine's speed."""
     runner = CliRunner()
-    assert runner.invoke(main, ["compile", str(build), "--target", "ort-cpu"]).exit_code == 0
-    result = runner.invoke(main, ["profile", str(build), "--target", "ort-cpu", "--runs", "1", "--gate"])
+    shipped = (ROOT / "device_profiles" / "ort-cpu.yaml").read_text()
+    loose, tight = tmp_path / "loose.yaml", tmp_path / "tight.yaml"
+    shipped = shipped.replace("min_compute_efficiency: 0.1,", "min_compute_efficiency: 0.000001,")  # decoder
+    loose.write_text(shipped.replace("min_compute_efficiency: 0.2,", "min_compute_efficiency: 0.000001,"))
+    tight.write_text(shipped.replace("min_compute_efficiency: 0.2,", "min_compute_efficiency: 0.99,"))
+    result = runner.invoke(main, ["profile", str(compiled_build), "--target", str(loose), "--runs", "1", "--gate"])
     assert result.exit_code == 0, result.output
-    assert (build / "profiles" / "ort-cpu-fp32.junit.xml").is_file()
-    tight = tmp_path / "tight.yaml"
-    tight.write_text(
-        (ROOT / "device_profiles" / "ort-cpu.yaml").read_text().replace("latency_ms: 20000", "latency_ms: 0.001")
-    )
-    result = runner.invoke(main, ["profile", str(build), "--target", str(tight), "--runs", "1", "--gate"])
+    assert (compiled_build / "profiles" / "ort-cpu-fp32.junit.xml").is_file()
+    profile = json.loads((compiled_build / "profiles" / "ort-cpu-fp32.json").read_text())
+    assert profile["device"]["gemm_gflops"] > 0 and profile["components"]["unet"]["flops"] > 0
+    result = runner.invoke(main, ["profile", str(compiled_build), "--target", str(tight), "--runs", "1", "--gate"])
     assert result.exit_code == 1
-    gates = json.loads((build / "build.json").read_text())["gates"]["ort-cpu/fp32"]
+    gates = json.loads((compiled_build / "build.json").read_text())["gates"]["ort-cpu/fp32"]
     assert not gates["passed"] and gates["failures"] == 1
+    [failed] = [c for c in gates["checks"] if not c["passed"]]
+    assert failed["component"] == "unet" and failed["metric"] == "min_compute_efficiency"
+    assert 0 < failed["measured"] < 0.99
 
 
 # -- pull ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def compiled_build(tiny_build, tmp_path) -> Path:
-    build = Path(shutil.copytree(tiny_build, tmp_path / "build"))
-    assert CliRunner().invoke(main, ["compile", str(build), "--target", "ort-cpu"]).exit_code == 0
-    return build
-
-
 def test_manifest_records_hashes_of_every_file(compiled_build):
     manifest = json.loads((compiled_build / "build.json").read_text())
     files = manifest["files"]
@@ -174,7 +173,7 @@ def test_pull_an_ai_hub_compile_job(tiny_build, tmp_path, monkeypatch):
     monkeypatch.setattr(hub_backend, "_client", lambda: hub)
     build = Build(shutil.copytree(tiny_build, tmp_path / "build"))
     records = QaiHubBackend(hub).compile(build, [resolve_target("xiaomi-14-pro")], CompileOptions(), quiet=True)
-    job_id = records["xiaomi-14-pro/float16"]["components"]["unet"]["compile_job"]
+    job_id = records["xiaomi-14-pro/w8a16"]["components"]["unet"]["compile_job"]
     result = CliRunner().invoke(main, ["pull", job_id, "--out", str(tmp_path / "app"), "--json"])
     assert result.exit_code == 0, result.output
     pulled = json.loads(result.stdout)

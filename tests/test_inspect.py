@@ -6,7 +6,7 @@ import re
 from click.testing import CliRunner
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import TINY, tiny_spec
+from helpers import TINY, tiny_spec
 from mvd_deploy.cli import main
 from mvd_deploy.flops import count_flops, count_model_flops
 from mvd_deploy.inspect import inspect_model

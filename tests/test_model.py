@@ -5,7 +5,7 @@ import torch
 from diffusers import UNetSpatioTemporalConditionModel
 from diffusers.models.resnet import AlphaBlender
 
-from conftest import relative_error, tiny_spec
+from helpers import relative_error, tiny_spec
 from mvd_deploy.model.funnel import FunnelLinear, coupled_singular_init
 from mvd_deploy.model.unet import MobileVDUNet
 
@@ -151,3 +151,16 @@ def test_half_width_funnels_change_the_output_but_not_wildly():
 def test_meta_build_allocates_nothing():
     model = MobileVDUNet.build(tiny_spec(), device="meta")
     assert {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()} == {"meta"}
+
+
+def test_rank3_temporal_resampling_is_the_frame_pair_mean_and_repeat():
+    """The HTP-friendly rank-3 forms compute exactly the natural (B, F/2, 2, C, H, W) forms."""
+    from mvd_deploy.model.unet import temporal_downsample, temporal_upsample
+
+    batch, frames = 2, 14
+    x = torch.randn(batch * frames, 5, 4, 6, dtype=torch.float64)
+    pairs = x.unflatten(0, (batch, frames // 2, 2)).mean(dim=2).flatten(0, 1)
+    assert torch.equal(temporal_downsample(x, frames), pairs)
+    repeated = pairs.unflatten(0, (batch, frames // 2)).repeat_interleave(2, dim=1).flatten(0, 1)
+    assert torch.equal(temporal_upsample(pairs, frames // 2), repeated)
+    assert temporal_upsample(pairs, frames // 2).shape == x.shape

@@ -10,10 +10,10 @@ import sys
 import pytest
 import qai_hub as real
 from click.testing import CliRunner
-from hub_double import FakeHub, FakeJob
 
 import mvd_deploy.backends.qai_hub as hub_backend
-from conftest import ROOT
+from helpers import ROOT
+from hub_double import FakeHub, FakeJob
 from mvd_deploy.backends.base import CompileOptions
 from mvd_deploy.backends.qai_hub import NOT_CONFIGURED, HubError, QaiHubBackend, parse_hub_profile
 from mvd_deploy.build import Build

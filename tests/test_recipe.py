@@ -4,7 +4,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import ROOT, TINY
+from helpers import ROOT, TINY
 from mvd_deploy.cli import main
 from mvd_deploy.errors import MvdError
 from mvd_deploy.recipe import load_recipe

@@ -17,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,33 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def gemm_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """This CPU's fp32 GEMM rate through ONNX Runtime (MLAS) with ``threads`` threads: best of
+    ``repeats`` n³ MatMuls. CPU budgets are fractions of it, so they hold on whatever CPU runs them."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "gemm",
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {x: rng.standard_normal((n, n), dtype=np.float32) for x in "ab"}
+    session.run(None, feed)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
 
 
 def pipeline_inputs(build: Build, component: str, n: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -175,7 +203,9 @@ class OrtCpuBackend(Backend):
                 f"{build.path}: no compiled form {key!r} (compiled: {known}); run `mvd-deploy compile` first"
             )
         threads = int(os.environ.get("MVD_ORT_THREADS", "0")) or os.cpu_count()
-        profile = new_profile(self.name, form, build, {"name": cpu_name(), "threads": threads}, runs)
+        # Measured in the same run as the model, so efficiency budgets compare like with like.
+        device = {"name": cpu_name(), "threads": threads, "gemm_gflops": round(gemm_gflops(threads), 1)}
+        profile = new_profile(self.name, form, build, device, runs)
         stages = Stages(len(record["components"]), quiet=quiet, name=f"profile {key}")
         for name in record["components"]:
             with stages.stage(f"{name}: warm-up + {runs} timed runs + 1 profiled run"):
@@ -183,6 +213,7 @@ class OrtCpuBackend(Backend):
                 measured = _profile_in_worker(build, name, model, runs, threads)
                 # the compiled form's PSNR against the export, so a gate needs the profile alone
                 measured["psnr_db"] = record["components"][name]["validation"]["psnr_db"]
+                measured["flops"] = build.components[name]["flops"]
                 profile["components"][name] = measured
         return finish_profile(profile)
 
