@@ -221,9 +221,7 @@ def split_onnx(source: Path, out_dir: Path, parts: int) -> list[dict]:
             missing = next(name for name in needed + handed if name not in value_info)
             raise MvdError(f"{source}: no inferred shape for tensor {missing!r}; cannot cut the graph there")
         path = out_dir / f"{source.stem}.part{k}.onnx"
-        _write_part(
-            model, source.parent, span, [value_info[n] for n in needed], [value_info[n] for n in handed], path
-        )
+        _write_part(model, source.parent, span, [value_info[n] for n in needed], [value_info[n] for n in handed], path)
         onnx.checker.check_model(str(path), full_check=True)
         records.append(
             {
@@ -279,9 +277,7 @@ def split_component(build: Build, component: str, parts: int) -> list[Graph]:
 def _check_chain(build: Build, component: str, staged: Path, graphs: list[dict]) -> dict:
     """The parts run in order against the whole exported model (ONNX Runtime CPU, fp32)."""
     feed = build.random_inputs(component, seed=0)
-    chain = [
-        Graph(component, g["name"], staged / f"{g['name']}.onnx", None, g["inputs"], g["outputs"]) for g in graphs
-    ]
+    chain = [Graph(component, g["name"], staged / f"{g['name']}.onnx", None, g["inputs"], g["outputs"]) for g in graphs]
     whole = ort_session(build.onnx_path(component), arena=False).run(None, feed)[0]
     validation = compare(run_chain(chain, feed), whole) | {
         "min_psnr_db": CHAIN_MIN_PSNR_DB,

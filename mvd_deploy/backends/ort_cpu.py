@@ -210,7 +210,7 @@ class OrtCpuBackend(Backend):
         for name in record["components"]:
             with stages.stage(f"{name}: warm-up + {runs} timed runs + 1 profiled run"):
                 model = build.path / record["directory"] / f"{name}.onnx"
-                measured = _profile_in_worker(build, name, model, runs, threads)
+                measured = _profile_in_worker(build, name, model, runs, threads, quiet)
                 # the compiled form's PSNR against the export, so a gate needs the profile alone
                 measured["psnr_db"] = record["components"][name]["validation"]["psnr_db"]
                 measured["flops"] = build.components[name]["flops"]
@@ -286,26 +286,17 @@ def _quantize(build: Build, name: str, form: str, source: Path, out: Path, optio
     )
 
 
-def _profile_in_worker(build: Build, component: str, model: Path, runs: int, threads: int) -> dict:
+def _profile_in_worker(build: Build, component: str, model: Path, runs: int, threads: int, quiet: bool) -> dict:
     inputs_path = model.parent / f".{component}-profile-inputs.npz"
     np.savez(inputs_path, **build.random_inputs(component, VALIDATION_SEED))
+    command = [sys.executable, "-m", "mvd_deploy.backends.ort_worker", str(model), str(inputs_path), str(runs)]
+    command += [str(threads)] + ([] if quiet else ["--progress"])
     try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mvd_deploy.backends.ort_worker",
-                str(model),
-                str(inputs_path),
-                str(runs),
-                str(threads),
-            ],
-            capture_output=True,
-            text=True,
-        )
+        # Not quiet: the worker's stderr (its progress bar, any error) goes straight to the terminal.
+        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE if quiet else None, text=True)
     finally:
         inputs_path.unlink(missing_ok=True)
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MvdError(f"{model}: ONNX Runtime profiling failed ({last})")
+        last = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}; its error is above"]
+        raise MvdError(f"{model}: ONNX Runtime profiling failed ({last[0]})")
     return json.loads(proc.stdout)

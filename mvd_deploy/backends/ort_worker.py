@@ -1,6 +1,8 @@
 """Profiles one ONNX model with ONNX Runtime CPU in its own process; prints one JSON object.
 
-python -m mvd_deploy.backends.ort_worker MODEL INPUTS.npz RUNS THREADS
+python -m mvd_deploy.backends.ort_worker MODEL INPUTS.npz RUNS THREADS [--progress]
+
+With --progress, a bar on stderr counts the warm-up and timed calls (seconds each at full size).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from tqdm import tqdm
 
 WARMUP = 2
 TOP = 10
@@ -59,17 +62,23 @@ def _top_ops(trace_path: str, total_ms: float) -> tuple[list[dict], dict[str, in
 
 def main() -> None:
     model, inputs_path, runs, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    bar = tqdm(
+        total=WARMUP + runs, desc=f"  {Path(model).stem} calls", unit="call", disable="--progress" not in sys.argv
+    )
     inputs = dict(np.load(inputs_path))
     start = time.perf_counter()
     session = _session(model, threads)
     load_ms = (time.perf_counter() - start) * 1000
     for _ in range(WARMUP):
         session.run(None, inputs)
+        bar.update()
     latencies = []
     for _ in range(runs):
         start = time.perf_counter()
         session.run(None, inputs)
         latencies.append((time.perf_counter() - start) * 1000)
+        bar.update()
+    bar.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     del session
     start = time.perf_counter()
