@@ -108,7 +108,7 @@ def test_profile_gate_on_ort_cpu(compiled_build, tmp_path):
     runner = CliRunner()
     shipped = (ROOT / "device_profiles" / "ort-cpu.yaml").read_text()
     loose, tight = tmp_path / "loose.yaml", tmp_path / "tight.yaml"
-    shipped = shipped.replace("min_compute_efficiency: 0.1,", "min_compute_efficiency: 0.000001,")  # decoder
+    shipped = shipped.replace("decoder: {min_compute_efficiency: 0.2,", "decoder: {min_compute_efficiency: 0.000001,")
     loose.write_text(shipped.replace("min_compute_efficiency: 0.2,", "min_compute_efficiency: 0.000001,"))
     tight.write_text(shipped.replace("min_compute_efficiency: 0.2,", "min_compute_efficiency: 0.99,"))
     result = runner.invoke(main, ["profile", str(compiled_build), "--target", str(loose), "--runs", "1", "--gate"])
