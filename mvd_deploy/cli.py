@@ -228,10 +228,11 @@ def compile_cmd(build_dir, targets, int8, min_psnr, calibration_samples, form, o
 
 def _format_compiled(records: dict) -> str:
     lines = []
+    width = max([28, *map(len, records)])
     for key, record in records.items():
         for name, c in record["components"].items():
             v = c.get("validation")
-            label = f"  {key:<28} {name:<8} "
+            label = f"  {key:<{width}} {name:<8} "
             if "graphs" in c:  # qnn-offline: EPContext wrappers and their QNN context binaries
                 contexts = ", ".join(f"{g['context_binary']} {g['context_bytes'] / 2**20:.1f} MB" for g in c["graphs"])
                 lines.append(label + contexts)
@@ -367,16 +368,16 @@ def summary_cmd(build_dir, as_json):
 
 
 def _format_summary(rows: list[dict]) -> str:
-    header = (
-        f"  {'component':<9} {'form':<22} {'params':>13} {'TFLOPs':>7} {'PSNR dB':>8} {'p50 ms':>10} {'peak MB':>9}"
-    )
+    width = max([22, *(len(r["form"]) for r in rows)])
+    header = f"  {'component':<9} {'form':<{width}} {'params':>13} {'TFLOPs':>7} {'PSNR dB':>8} "
+    header += f"{'p50 ms':>10} {'peak MB':>9}"
     lines = [header]
     for r in rows:
         p50 = f"{r['p50_ms']:.1f}" if r["p50_ms"] is not None else "-"
         psnr = r["psnr_db"] if r["psnr_db"] is not None else "-"
         peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
         lines.append(
-            f"  {r['component']:<9} {r['form']:<22} {r['params']:>13,} {r['tflops']:>7.3f} "
+            f"  {r['component']:<9} {r['form']:<{width}} {r['params']:>13,} {r['tflops']:>7.3f} "
             f"{psnr:>8} {p50:>10} {peak:>9}"
         )
     return "\n".join(lines)

@@ -344,3 +344,19 @@ def test_profile_offline_needs_the_offline_compile(micro):
     result = CliRunner().invoke(main, ["profile", str(micro.path), "--target", "xiaomi-14-pro", "--offline"])
     assert result.exit_code == 2
     assert "no compiled form 'xiaomi-14-pro/w8a16-offline'" in result.stderr
+
+
+def test_targets_of_one_soc_share_the_compiled_graphs(micro, tmp_path):
+    budgets = {"unet": {"min_psnr_db": 30}}
+    targets = [
+        load_device_profile(write_profile(tmp_path, base, calibration_samples=4, budgets=budgets))
+        for base in ("xiaomi-14-pro", "galaxy-s24")
+    ]
+    records = QnnOfflineBackend().compile(micro, targets, CompileOptions(), quiet=True)
+    xiaomi, galaxy = records["xiaomi-14-pro/w8a16-offline"], records["galaxy-s24/w8a16-offline"]
+    assert galaxy["components"] == xiaomi["components"] and galaxy["chipset"]["name"] == "SM8650"
+    assert galaxy["directory"] == "compiled/galaxy-s24/w8a16-offline"
+    files = Build(micro.path).manifest["files"]
+    for graph in xiaomi["components"]["unet"]["graphs"]:
+        for name in (graph["file"], graph["context_binary"]):
+            assert files[f"{galaxy['directory']}/{name}"]["sha256"] == files[f"{xiaomi['directory']}/{name}"]["sha256"]

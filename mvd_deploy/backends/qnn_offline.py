@@ -440,7 +440,6 @@ class QnnOfflineBackend(Backend):
         form = offline_form(precision)
         relative = f"compiled/{target.name}/{form}"
         threshold = options.min_psnr_db if options.min_psnr_db is not None else DEFAULT_MIN_PSNR_DB[precision]
-        limit = int(target.context_limit_mb * 2**20)
         record = {
             "target": target.name,
             "backend": self.name,
@@ -467,7 +466,9 @@ class QnnOfflineBackend(Backend):
         if twin is not None:  # same SoC, precision and calibration as a target just compiled: same binaries
             steps = 1
         else:
-            steps = sum(len(g) * (2 if precision == "w8a16" else 1) for g in graphs.values()) + sum(emulate.values())
+            quantize = [g for gs in graphs.values() for g in gs if precision == "w8a16"]
+            steps = sum(map(len, graphs.values())) + sum(emulate.values())
+            steps += sum(not _qdq_path(work, g, target).exists() for g in quantize)
         stages = Stages(steps, quiet=quiet, name=f"compile {self.name} {target.name} {form}")
         staged = build.staging_dir(f"{target.name}-{form}")
         try:
@@ -475,6 +476,9 @@ class QnnOfflineBackend(Backend):
                 with stages.stage(f"same {chipset.name} binaries as {twin['target']}"):
                     shutil.copytree(build.path / twin["directory"], staged, dirs_exist_ok=True)
                     record["components"] = copy.deepcopy(twin["components"])
+                    for entry in record["components"].values():
+                        for graph in entry["graphs"]:
+                            _check_context_size(graph, target)
             else:
                 for component in build.components:
                     record["components"][component] = self._compile_component(
@@ -493,17 +497,10 @@ class QnnOfflineBackend(Backend):
                         record["components"][component]["validation"] = check
                     else:
                         record["components"][component]["validation"] = None
+                        estimate = emulation_estimate_s(build, component)
                         record["components"][component]["emulation"] = (
-                            f"not run: estimated {emulation_estimate_s(build, component) / 60:.0f} min on the HTP "
-                            "emulator; run it with --emulate (compile or profile)"
-                        )
-            for component, entry in record["components"].items():
-                for graph in entry["graphs"]:
-                    if graph["context_bytes"] > limit:
-                        raise ValidationFailed(
-                            f"{target.name} ({target.source}): {graph['name']}'s compiled HTP context is "
-                            f"{graph['context_bytes']:,} bytes, over the {limit:,}-byte limit "
-                            f"(context_limit_mb {target.context_limit_mb:g}); split {component} into more parts"
+                            f"not run (estimated {estimate:.0f} s on the HTP emulator); "
+                            "run it with --emulate (compile or profile)"
                         )
             build.replace_dir(staged, relative)
         finally:
@@ -514,15 +511,15 @@ class QnnOfflineBackend(Backend):
         chipset = target.chipset
         entries = []
         weights = htp.check_fits(graphs, precision, target.context_limit_mb, f"{target.name} ({target.source})")
-        if precision == "w8a16":
-            samples = pipeline_inputs(build, component, target.calibration_samples, seed=CALIBRATION_SEED)
-            exported = _ExportedParts(graphs)
+        samples, exported = [], _ExportedParts(graphs)
         for index, graph in enumerate(graphs):
             source = graph.onnx
             if precision == "w8a16":
-                source = work / f"{graph.name}.w8a16-{target.calibration_samples}.onnx"
+                source = _qdq_path(work, graph, target)
                 if not source.exists():  # another target of this compile may have made it
-                    with stages.stage(f"{graph.name}: w8a16 QDQ, {len(samples)} calibration samples"):
+                    n = target.calibration_samples
+                    with stages.stage(f"{graph.name}: w8a16 QDQ, {n} calibration samples"):
+                        samples = samples or pipeline_inputs(build, component, n, seed=CALIBRATION_SEED)
                         reader = _calibration_reader(samples, lambda s, i=index: exported.feed(i, s))
                         quantize_w8a16(graph.onnx, source, reader, work)
             out = staged / f"{graph.name}.onnx"
@@ -533,22 +530,21 @@ class QnnOfflineBackend(Backend):
                 seconds = time.perf_counter() - start
             compiled = read_compiled(out, chipset, where)
             context = staged / compiled["context_binary"]
-            entries.append(
-                {
-                    "name": graph.name,
-                    "file": out.name,
-                    "context_binary": compiled["context_binary"],
-                    "context_bytes": context.stat().st_size,
-                    "inputs": compiled["inputs"],
-                    "outputs": compiled["outputs"],
-                    "weight_bytes": weights[graph.name],
-                    "nodes": _node_count(source),
-                    "ep_compatibility_info": compiled["compatibility"],
-                    "compile_s": round(seconds, 1),
-                }
-            )
-        if precision == "w8a16":
-            exported.sessions.clear()
+            entry = {
+                "name": graph.name,
+                "file": out.name,
+                "context_binary": compiled["context_binary"],
+                "context_bytes": context.stat().st_size,
+                "inputs": compiled["inputs"],
+                "outputs": compiled["outputs"],
+                "weight_bytes": weights[graph.name],
+                "nodes": _node_count(source),
+                "ep_compatibility_info": compiled["compatibility"],
+                "compile_s": round(seconds, 1),
+            }
+            _check_context_size(entry, target)
+            entries.append(entry)
+        exported.sessions.clear()
         return {"graphs": entries}
 
     # -- profile ---------------------------------------------------------------------------------------
@@ -601,6 +597,21 @@ class QnnOfflineBackend(Backend):
                 }
             profiles.append(finish_profile(profile))
         return profiles
+
+
+def _qdq_path(work: Path, graph, target) -> Path:
+    """Where a graph's w8a16 QDQ model is kept for the other targets of one compile."""
+    return work / f"{graph.name}.w8a16-{target.calibration_samples}.onnx"
+
+
+def _check_context_size(graph: dict, target) -> None:
+    limit = int(target.context_limit_mb * 2**20)
+    if graph["context_bytes"] > limit:
+        raise ValidationFailed(
+            f"{target.name} ({target.source}): {graph['name']}'s compiled HTP context is {graph['context_bytes']:,} "
+            f"bytes, over the {limit:,}-byte limit (context_limit_mb {target.context_limit_mb:g}); "
+            "split it into more parts"
+        )
 
 
 def _node_count(path: Path) -> int:
