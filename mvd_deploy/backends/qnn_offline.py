@@ -44,8 +44,10 @@ DEFAULT_MIN_PSNR_DB = {"w8a16": 30.0, "float16": 40.0}
 # The HTP emulator's speed on a 2-core x86-64 host: ~2 GFLOP/s on large convolutions, plus a cost per
 # node that dominates graphs of many small ops (tiny recipe, busy host: the TAESD decoder, 62 GFLOP in
 # 89 nodes, ~20 s per call; the UNet, 2.3 GFLOP in ~1,950 nodes, ~60 s per call).
+# w8a16 emulates ~4-6x slower than float16 (the tiny decoder: ~20 s vs 70-130 s per call).
 EMULATOR_FLOP_PER_S = 2e9
 EMULATOR_S_PER_NODE = 0.03
+EMULATOR_SLOWDOWN = {"float16": 1.0, "w8a16": 5.0}
 QUICK_EMULATION_S = 300.0  # the emulated check runs by default when its estimate is under this (tiny recipe)
 CALIBRATION_SEED = 7  # the same pipeline draw as AI Hub's quantize job
 CALIBRATION_STRIDE = 8  # fold calibration min/max into running ranges every (at most) this many samples
@@ -329,21 +331,26 @@ def quantize_w8a16(source: Path, out: Path, reader, work: Path) -> None:
 
 
 # -- the emulated check ----------------------------------------------------------------------------------
-def emulation_estimate_s(build: Build, component: str) -> float:
+def emulation_estimate_s(build: Build, component: str, precision: str) -> float:
     """Seconds the emulated check should take: per call, the component's FLOPs at EMULATOR_FLOP_PER_S
-    plus its nodes at EMULATOR_S_PER_NODE; two calls where it has a conditioning input (the
-    sensitivity figure)."""
+    plus its nodes at EMULATOR_S_PER_NODE, slowed for w8a16; two calls where it has a conditioning
+    input (the sensitivity figure)."""
     calls = 2 if any(i["name"] == "encoder_hidden_states" for i in build.components[component]["inputs"]) else 1
     nodes = sum(_node_count(graph.onnx) for graph in build.graphs(component))
-    return calls * (build.components[component]["flops"] / EMULATOR_FLOP_PER_S + nodes * EMULATOR_S_PER_NODE)
+    per_call = build.components[component]["flops"] / EMULATOR_FLOP_PER_S + nodes * EMULATOR_S_PER_NODE
+    return calls * per_call * EMULATOR_SLOWDOWN[precision]
 
 
-def will_emulate(build: Build, component: str, emulate: bool | None) -> bool:
+def will_emulate(build: Build, component: str, precision: str, emulate: bool | None) -> bool:
     """``emulate`` True/False as asked; None (default): only where the check is quick."""
-    return emulate if emulate is not None else emulation_estimate_s(build, component) <= QUICK_EMULATION_S
+    if emulate is not None:
+        return emulate
+    return emulation_estimate_s(build, component, precision) <= QUICK_EMULATION_S
 
 
-def emulated_check(build: Build, component: str, compiled: list[Path], chipset, threshold: float) -> dict:
+def emulated_check(
+    build: Build, component: str, precision: str, compiled: list[Path], chipset, threshold: float
+) -> dict:
     """The compiled graphs chained on the HTP emulator (each fed the previous compiled graphs' outputs)
     against the whole exported model on ONNX Runtime CPU fp32, on pipeline-drawn inputs."""
     ort, _ = qnn_runtime()
@@ -371,7 +378,7 @@ def emulated_check(build: Build, component: str, compiled: list[Path], chipset, 
         "reference": f"exported {build.onnx_path(component).name} on ONNX Runtime CPU fp32",
         "emulated": f"QNN HTP emulator for {chipset.name} on this CPU",
         "emulator_s": round(time.perf_counter() - start, 2),  # loading the contexts + one or two calls
-        "estimated_s": round(emulation_estimate_s(build, component), 1),
+        "estimated_s": round(emulation_estimate_s(build, component, precision), 1),
     }
     if expected_sensitivity is not None:
         check["conditioning_sensitivity"] = {"reference": expected_sensitivity, "compiled": sensitivity}
@@ -462,7 +469,7 @@ class QnnOfflineBackend(Backend):
                 "stride": calibration_stride(target.calibration_samples),
             }
         graphs = {component: build.graphs(component) for component in build.components}
-        emulate = {c: will_emulate(build, c, options.emulate) for c in build.components}
+        emulate = {c: will_emulate(build, c, precision, options.emulate) for c in build.components}
         if twin is not None:  # same SoC, precision and calibration as a target just compiled: same binaries
             steps = 1
         else:
@@ -487,7 +494,7 @@ class QnnOfflineBackend(Backend):
                     if emulate[component]:
                         with stages.stage(f"{component}: emulated check on the HTP emulator"):
                             compiled = [staged / g["file"] for g in record["components"][component]["graphs"]]
-                            check = emulated_check(build, component, compiled, chipset, threshold)
+                            check = emulated_check(build, component, precision, compiled, chipset, threshold)
                         if not check["psnr_db"] >= threshold:
                             raise ValidationFailed(
                                 f"{component} ({target.name} {form}): emulated PSNR {check['psnr_db']} dB against "
@@ -497,7 +504,7 @@ class QnnOfflineBackend(Backend):
                         record["components"][component]["validation"] = check
                     else:
                         record["components"][component]["validation"] = None
-                        estimate = emulation_estimate_s(build, component)
+                        estimate = emulation_estimate_s(build, component, precision)
                         record["components"][component]["emulation"] = (
                             f"not run (estimated {estimate:.0f} s on the HTP emulator); "
                             "run it with --emulate (compile or profile)"
@@ -549,7 +556,14 @@ class QnnOfflineBackend(Backend):
 
     # -- profile ---------------------------------------------------------------------------------------
     def profile(
-        self, build: Build, targets: list, form: str | None, runs: int, quiet: bool = False, emulate: bool | None = None
+        self,
+        build: Build,
+        targets: list,
+        form: str | None,
+        runs: int,
+        quiet: bool = False,
+        *,
+        emulate: bool | None = None,
     ) -> list[dict]:
         """The common profile schema with latency and memory None (NO_PHONE_TIMING) and the emulated
         check: the compile's, or run now with ``emulate`` (default: where quick and not yet run)."""
@@ -578,10 +592,10 @@ class QnnOfflineBackend(Backend):
             stages = Stages(len(components), quiet=quiet, name=f"profile {self.name} {key}")
             for name, entry in components.items():
                 check = entry.get("validation")
-                if emulate or (emulate is None and check is None and will_emulate(build, name, None)):
+                if emulate or (emulate is None and check is None and will_emulate(build, name, precision, None)):
                     with stages.stage(f"{name}: emulated check on the HTP emulator"):
                         compiled = [build.path / record["directory"] / g["file"] for g in entry["graphs"]]
-                        check = emulated_check(build, name, compiled, chipset, threshold)
+                        check = emulated_check(build, name, precision, compiled, chipset, threshold)
                 else:
                     with stages.stage(f"{name}: emulated check {'from compile' if check else 'not run (--emulate)'}"):
                         pass
