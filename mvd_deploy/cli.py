@@ -105,8 +105,8 @@ def _offline_options(command):
     command = click.option(
         "--emulate/--no-emulate",
         default=None,
-        help="--offline: run the check on the HTP emulator (~2 GFLOP/s) or not "
-        "(default: only where the component's FLOPs make it quick, under ~1 min).",
+        help="--offline: run the check on the HTP emulator (slow: ~2 GFLOP/s) or not "
+        "(default: only where its estimate, from the component's FLOPs and nodes, is under 5 min).",
     )(command)
     return click.option(
         "--offline",
