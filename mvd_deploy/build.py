@@ -151,7 +151,8 @@ def summary_rows(build: Build) -> list[dict]:
         for key, record in build.manifest.get("compiled", {}).items():
             if name in record["components"]:
                 compiled = record["components"][name]
-                # ort-cpu validates when compiling; AI Hub forms are checked on the device by `profile`
+                # ort-cpu validates when compiling; AI Hub forms are checked on the device by `profile`;
+                # qnn-offline on the HTP emulator when compiling, or by `profile --emulate`
                 validation = compiled.get("validation") or compiled.get("on_device") or {}
                 forms.append((key, validation, profiles.get(key)))
         for form, validation, profile in forms:
@@ -162,9 +163,10 @@ def summary_rows(build: Build) -> list[dict]:
                     "form": form,
                     "params": component["params"],
                     "tflops": component["flops"] / 1e12,
-                    "psnr_db": validation.get("psnr_db"),
-                    "p50_ms": measured["latency_ms"]["p50"] if measured else None,
-                    "peak_memory_mb": measured["peak_memory_mb"] if measured else None,
+                    "psnr_db": validation.get("psnr_db", (measured or {}).get("psnr_db")),
+                    # None where not measured (the offline HTP emulator has no phone latency)
+                    "p50_ms": (measured.get("latency_ms") or {}).get("p50") if measured else None,
+                    "peak_memory_mb": measured.get("peak_memory_mb") if measured else None,
                 }
             )
     return rows

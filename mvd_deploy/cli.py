@@ -100,6 +100,28 @@ def _deploy_options(command):
     return command
 
 
+def _offline_options(command):
+    """--offline and --emulate, shared by compile and profile."""
+    command = click.option(
+        "--emulate/--no-emulate",
+        default=None,
+        help="--offline: run the check on the HTP emulator (slow: ~2 GFLOP/s) or not "
+        "(default: only where its estimate, from the component's FLOPs and nodes, is under 5 min).",
+    )(command)
+    return click.option(
+        "--offline",
+        is_flag=True,
+        help="Phone targets on this machine: QNN HTP compile for the profile's chipset with onnxruntime-qnn, "
+        "checked on the HTP emulator; no AI Hub account.",
+    )(command)
+
+
+def _offline_only(offline: bool, **options) -> None:
+    for name, value in options.items():
+        if value is not None and not offline:
+            raise MvdError(f"--{name}: only with --offline")
+
+
 def _pass_list(value: str | None) -> list[str] | None:
     return None if value is None else [name.strip() for name in value.split(",") if name.strip()]
 
@@ -168,36 +190,65 @@ def export_cmd(
     type=click.Choice(["dynamic", "static"]),
     help="ort-cpu: also compile an int8 form (onnxruntime.quantization).",
 )
-@click.option("--min-psnr", type=float, help="ort-cpu: validation threshold in dB against the export.")
-@click.option("--calibration-samples", default=4, show_default=True, type=int, help="Static int8 calibration inputs.")
+@click.option(
+    "--min-psnr",
+    type=float,
+    help="Validation threshold in dB against the export (ort-cpu; --offline: the emulated check).",
+)
+@click.option(
+    "--calibration-samples",
+    default=4,
+    show_default=True,
+    type=int,
+    help="ort-cpu static int8 calibration inputs (--offline w8a16: the profile's calibration_samples).",
+)
+@click.option(
+    "--form",
+    type=click.Choice(["w8a16", "float16"]),
+    help="--offline: compile this precision instead of each profile's own.",
+)
+@_offline_options
 @click.option("--json", "as_json", is_flag=True, help="Print the compiled records as JSON.")
 @_user_errors
-def compile_cmd(build_dir, targets, int8, min_psnr, calibration_samples, as_json):
+def compile_cmd(build_dir, targets, int8, min_psnr, calibration_samples, form, offline, emulate, as_json):
     """Compile a build for one or more targets; every compiled form is validated."""
     from mvd_deploy.backends import CompileOptions, get_backend, group_targets
     from mvd_deploy.build import Build
 
+    _offline_only(offline, form=form, emulate=emulate)
     build = Build(build_dir)
-    options = CompileOptions(int8=int8, min_psnr_db=min_psnr, calibration_samples=calibration_samples)
+    options = CompileOptions(
+        int8=int8, min_psnr_db=min_psnr, calibration_samples=calibration_samples, form=form, emulate=emulate
+    )
     records = {}
-    for backend, profiles in group_targets(targets).items():
+    for backend, profiles in group_targets(targets, offline=offline).items():
         records |= get_backend(backend).compile(build, profiles, options)
     _emit(records, as_json, _format_compiled)
 
 
 def _format_compiled(records: dict) -> str:
     lines = []
+    width = max([28, *map(len, records)])
     for key, record in records.items():
         for name, c in record["components"].items():
             v = c.get("validation")
-            if v is None:  # AI Hub: checked on the device by `mvd-deploy profile`
-                lines.append(f"  {key:<28} {name:<8} {c['file']} (compile job {c['compile_job']})")
+            label = f"  {key:<{width}} {name:<8} "
+            if "graphs" in c:  # qnn-offline: EPContext wrappers and their QNN context binaries
+                contexts = ", ".join(f"{g['context_binary']} {g['context_bytes'] / 2**20:.1f} MB" for g in c["graphs"])
+                lines.append(label + contexts)
+                label = " " * len(label)
+                if v is None:
+                    lines.append(f"{label}emulated check {c['emulation']}")
+                    continue
+            elif v is None:  # AI Hub: checked on the device by `mvd-deploy profile`
+                lines.append(f"{label}{c['file']} (compile job {c['compile_job']})")
                 continue
             sens = v.get("conditioning_sensitivity")
             extra = (
                 f"  conditioning sensitivity {sens['compiled']:.3f} (export {sens['reference']:.3f})" if sens else ""
             )
-            lines.append(f"  {key:<28} {name:<8} PSNR {v['psnr_db']} dB (min {v['min_psnr_db']}){extra}")
+            emulated = f" on the HTP emulator ({v['emulator_s']:.1f} s)" if "emulator_s" in v else ""
+            lines.append(f"{label}PSNR {v['psnr_db']} dB (min {v['min_psnr_db']}){emulated}{extra}")
     return "\n".join(lines)
 
 
@@ -213,21 +264,27 @@ def _format_compiled(records: dict) -> str:
 @click.option("--form", help="Compiled form to profile (default: the profile's precision).")
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(min=1), help="Timed runs after warm-up.")
 @click.option("--gate", is_flag=True, help="Gate each profile on its target's budgets: exit 1 when over.")
+@_offline_options
 @click.option("--json", "as_json", is_flag=True, help="Print the profile JSON (a list with several targets).")
 @_user_errors
-def profile_cmd(build_dir, targets, form, runs, gate, as_json):
-    """Latency, load time, peak memory and the slowest ops of a compiled build, per target."""
-    from mvd_deploy.backends import get_backend, group_targets
+def profile_cmd(build_dir, targets, form, runs, gate, offline, emulate, as_json):
+    """Latency, load time, peak memory and the slowest ops of a compiled build, per target.
+
+    --offline: the emulated check of the offline QNN compile, and no latency (the HTP emulator gives
+    no phone timing; the profile says so)."""
+    from mvd_deploy.backends import QnnOfflineBackend, get_backend, group_targets
     from mvd_deploy.build import Build
     from mvd_deploy.fileio import write_json
     from mvd_deploy.gate import markdown, run_gate
 
+    _offline_only(offline, emulate=emulate)
     build = Build(build_dir)
     profiles, reports = [], []
-    groups = group_targets(targets)
+    groups = group_targets(targets, offline=offline)
     for backend, target_profiles in groups.items():
+        extra = {"emulate": emulate} if backend == QnnOfflineBackend.name else {}
         for target, profile in zip(
-            target_profiles, get_backend(backend).profile(build, target_profiles, form, runs), strict=True
+            target_profiles, get_backend(backend).profile(build, target_profiles, form, runs, **extra), strict=True
         ):
             path = build.path / "profiles" / f"{profile['target']}-{profile['form']}.json"
             path.parent.mkdir(exist_ok=True)
@@ -274,6 +331,16 @@ def gate_cmd(profile_json, budget, junit, markdown_path, as_json):
 
 
 def _format_profile(p: dict) -> str:
+    if p.get("total_latency_ms") is None and p.get("not_measured"):  # the offline HTP emulator
+        lines = [f"{p['target']}/{p['form']} on {p['device']['name']}"]
+        for name, c in p["components"].items():
+            check = c.get("emulated")
+            figure = (
+                f"PSNR {check['psnr_db']} dB (emulated in {check['emulator_s']:.1f} s)" if check else "not emulated"
+            )
+            lines.append(f"  {name:<8} {figure}, context {c['context_bytes'] / 2**20:.1f} MB")
+        lines.extend(f"  {figure}: {why}" for figure, why in p["not_measured"].items())
+        return "\n".join(lines)
     lines = [f"{p['target']}/{p['form']} on {p['device']['name']} ({p['runs']} runs)"]
     for name, c in p["components"].items():
         lat = c["latency_ms"]
@@ -301,16 +368,16 @@ def summary_cmd(build_dir, as_json):
 
 
 def _format_summary(rows: list[dict]) -> str:
-    header = (
-        f"  {'component':<9} {'form':<22} {'params':>13} {'TFLOPs':>7} {'PSNR dB':>8} {'p50 ms':>10} {'peak MB':>9}"
-    )
+    width = max([22, *(len(r["form"]) for r in rows)])
+    header = f"  {'component':<9} {'form':<{width}} {'params':>13} {'TFLOPs':>7} {'PSNR dB':>8} "
+    header += f"{'p50 ms':>10} {'peak MB':>9}"
     lines = [header]
     for r in rows:
         p50 = f"{r['p50_ms']:.1f}" if r["p50_ms"] is not None else "-"
         psnr = r["psnr_db"] if r["psnr_db"] is not None else "-"
         peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
         lines.append(
-            f"  {r['component']:<9} {r['form']:<22} {r['params']:>13,} {r['tflops']:>7.3f} "
+            f"  {r['component']:<9} {r['form']:<{width}} {r['params']:>13,} {r['tflops']:>7.3f} "
             f"{psnr:>8} {p50:>10} {peak:>9}"
         )
     return "\n".join(lines)

@@ -3,6 +3,11 @@
 Each component and metric is one check (latency p50, peak memory, PSNR), plus the whole-pipeline
 latency when the budget has one. Results go out three ways: JSON, a JUnit XML file (one testcase
 per check; failures carry measured vs budget) and a Markdown summary for CI job pages.
+
+A figure the profile declares it cannot measure (``not_measured``: the offline HTP emulator has no
+phone latency or memory) is neither a pass nor a failure: the check is reported "not measured" with
+the profile's reason (JUnit: skipped) and the verdict says how many were not measured. Any other
+missing figure fails.
 """
 
 from __future__ import annotations
@@ -19,19 +24,19 @@ from mvd_deploy.fileio import load_json
 def _compute_efficiency(component: dict, profile: dict) -> float | None:
     """Achieved FLOP/s at p50 over the device's fp32 GEMM rate (both measured in the profile run)."""
     gemm = profile.get("device", {}).get("gemm_gflops")
-    p50, flops = component["latency_ms"]["p50"], component.get("flops")
+    p50, flops = (component.get("latency_ms") or {}).get("p50"), component.get("flops")
     if not gemm or not p50 or not flops:
         return None
     return round(flops / (p50 / 1000) / (gemm * 1e9), 4)
 
 
-_METRICS = (  # (budget field, profile reader, unit, passes when measured is ...)
-    ("latency_ms", lambda c, p: c["latency_ms"]["p50"], "ms", "at most"),
-    ("min_compute_efficiency", _compute_efficiency, "of GEMM rate", "at least"),
-    ("peak_memory_mb", lambda c, p: c["peak_memory_mb"], "MB", "at most"),
-    ("min_psnr_db", lambda c, p: c.get("psnr_db"), "dB", "at least"),
+_METRICS = (  # (budget field, profile figure, profile reader, unit, passes when measured is ...)
+    ("latency_ms", "latency_ms", lambda c, p: (c.get("latency_ms") or {}).get("p50"), "ms", "at most"),
+    ("min_compute_efficiency", "latency_ms", _compute_efficiency, "of GEMM rate", "at least"),
+    ("peak_memory_mb", "peak_memory_mb", lambda c, p: c.get("peak_memory_mb"), "MB", "at most"),
+    ("min_psnr_db", "psnr_db", lambda c, p: c.get("psnr_db"), "dB", "at least"),
 )
-_AT_LEAST = {field for field, _, _, direction in _METRICS if direction == "at least"}
+_AT_LEAST = {field for field, _, _, _, direction in _METRICS if direction == "at least"}
 
 
 @dataclass
@@ -43,6 +48,7 @@ class Check:
     unit: str
     passed: bool
     note: str = ""
+    not_measured: bool = False  # the profile says it cannot measure this figure: neither pass nor fail
 
 
 def load_profile(path: str | Path) -> dict:
@@ -55,15 +61,20 @@ def load_profile(path: str | Path) -> dict:
 
 
 def gate(profile: dict, budget: DeviceProfile) -> list[Check]:
-    """Every budgeted metric of every budgeted component; a missing component or figure fails."""
+    """Every budgeted metric of every budgeted component; a missing component or figure fails, unless
+    the profile declares the figure not measurable (then the check is "not measured")."""
     checks = []
+    declared = profile.get("not_measured") or {}
     for component, limits in budget.budgets.items():
         measured_component = profile["components"].get(component)
-        for field, read, unit, direction in _METRICS:
+        for field, figure, read, unit, direction in _METRICS:
             limit = getattr(limits, field)
             if limit is None:
                 continue
             measured = read(measured_component, profile) if measured_component else None
+            if measured is None and measured_component is not None and figure in declared:
+                checks.append(Check(component, field, None, limit, unit, False, declared[figure], not_measured=True))
+                continue
             if measured is None:
                 note = "not profiled" if measured_component is None else "not measured"
                 checks.append(Check(component, field, None, limit, unit, False, note))
@@ -72,6 +83,7 @@ def gate(profile: dict, budget: DeviceProfile) -> list[Check]:
             checks.append(Check(component, field, measured, limit, unit, passed))
     if budget.total_latency_ms is not None:
         total = profile.get("total_latency_ms")
+        unmeasured = total is None and "latency_ms" in declared
         checks.append(
             Check(
                 "pipeline",
@@ -80,6 +92,8 @@ def gate(profile: dict, budget: DeviceProfile) -> list[Check]:
                 budget.total_latency_ms,
                 "ms",
                 total is not None and total <= budget.total_latency_ms,
+                declared["latency_ms"] if unmeasured else "",
+                not_measured=unmeasured,
             )
         )
     return checks
@@ -90,8 +104,9 @@ def gate_report(profile: dict, budget: DeviceProfile, checks: list[Check]) -> di
         "target": profile.get("target"),
         "form": profile.get("form"),
         "budget": budget.source,
-        "passed": all(c.passed for c in checks),
-        "failures": sum(not c.passed for c in checks),
+        "passed": all(c.passed or c.not_measured for c in checks),
+        "failures": sum(not c.passed and not c.not_measured for c in checks),
+        "not_measured": sum(c.not_measured for c in checks),
         "checks": [asdict(c) for c in checks],
     }
 
@@ -109,20 +124,30 @@ def write_junit(report: dict, path: Path) -> None:
         name=f"mvd-deploy gate {report['target']}/{report['form']}",
         tests=str(len(checks)),
         failures=str(report["failures"]),
+        skipped=str(report.get("not_measured", 0)),
         errors="0",
     )
     for c in checks:
         case = ET.SubElement(suite, "testcase", classname=f"{report['target']}.{c.component}", name=c.metric)
-        if not c.passed:
+        if c.not_measured:
+            ET.SubElement(case, "skipped", message=f"{c.component} {c.metric}: {c.note}")
+        elif not c.passed:
             failure = ET.SubElement(case, "failure", message=_describe(c) + (f" ({c.note})" if c.note else ""))
             failure.text = _describe(c)
-    root = ET.Element("testsuites", tests=str(len(checks)), failures=str(report["failures"]))
+    root = ET.Element(
+        "testsuites",
+        tests=str(len(checks)),
+        failures=str(report["failures"]),
+        skipped=str(report.get("not_measured", 0)),
+    )
     root.append(suite)
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
 def markdown(report: dict) -> str:
     verdict = "✅ within budget" if report["passed"] else f"❌ {report['failures']} over budget"
+    if report.get("not_measured"):
+        verdict += f" (➖ {report['not_measured']} not measured)"
     lines = [
         f"### mvd-deploy gate: {report['target']}/{report['form']} — {verdict}",
         "",
@@ -130,12 +155,12 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for c in map(lambda d: Check(**d), report["checks"]):
-        measured = "missing" if c.measured is None else f"{c.measured:g} {c.unit}"
+        measured = "—" if c.not_measured else "missing" if c.measured is None else f"{c.measured:g} {c.unit}"
         relation = "≥" if c.metric in _AT_LEAST else "≤"
-        lines.append(
-            f"| {c.component} | {c.metric} | {measured} | {relation} {c.budget:g} {c.unit} | "
-            f"{'✅' if c.passed else '❌'} |"
-        )
+        verdict = "➖ not measured" if c.not_measured else "✅" if c.passed else "❌"
+        lines.append(f"| {c.component} | {c.metric} | {measured} | {relation} {c.budget:g} {c.unit} | {verdict} |")
+    notes = dict.fromkeys(c["note"] for c in report["checks"] if c.get("not_measured"))
+    lines.extend(f"\n➖ {note}" for note in notes)
     lines.append(f"\nBudgets: `{report['budget']}`")
     return "\n".join(lines) + "\n"
 

@@ -50,7 +50,7 @@ def plot_latency(profiles: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / max(len(profiles), 1)
     for i, profile in enumerate(profiles):
-        values = [profile["components"].get(c, {}).get("latency_ms", {}).get("p50", 0) for c in components]
+        values = [(profile["components"].get(c, {}).get("latency_ms") or {}).get("p50") or 0 for c in components]
         ax.bar(
             [j + i * width for j in range(len(components))],
             values,
@@ -127,11 +127,12 @@ def write_report(build_dir: str | Path, out: str | Path | None = None) -> dict:
                     ],
                 )
             )
-        if profiles:
-            plot_latency(profiles, tmp / "latency.png")
+        timed = [p for p in profiles if p.get("total_latency_ms") is not None]  # not offline emulator ones
+        if timed:
+            plot_latency(timed, tmp / "latency.png")
             images.append("latency.png")
             sections.append("<h2>Latency</h2><img src='latency.png' alt='latency per component'>")
-            for profile in profiles:
+            for profile in timed:
                 name = f"top_ops_{profile['target']}_{profile['form']}.png"
                 plot_top_ops(profile, tmp / name)
                 images.append(name)
@@ -150,9 +151,9 @@ def write_report(build_dir: str | Path, out: str | Path | None = None) -> dict:
                         r["form"],
                         f"{r['params']:,}",
                         f"{r['tflops']:.3f}",
-                        r["psnr_db"] or "-",
-                        r["p50_ms"] or "-",
-                        r["peak_memory_mb"] or "-",
+                        "-" if r["psnr_db"] is None else r["psnr_db"],
+                        "-" if r["p50_ms"] is None else r["p50_ms"],
+                        "-" if r["peak_memory_mb"] is None else r["peak_memory_mb"],
                     ]
                     for r in rows
                 ],
@@ -169,9 +170,9 @@ def write_report(build_dir: str | Path, out: str | Path | None = None) -> dict:
                             key,
                             c["component"],
                             c["metric"],
-                            c["measured"],
+                            "-" if c["measured"] is None else c["measured"],
                             c["budget"],
-                            "pass" if c["passed"] else "FAIL",
+                            "not measured" if c.get("not_measured") else "pass" if c["passed"] else "FAIL",
                         ]
                         for key, g in gates.items()
                         for c in g["checks"]

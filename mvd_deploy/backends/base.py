@@ -21,6 +21,8 @@ class CompileOptions:
     int8: str | None = None  # None | "dynamic" | "static"
     min_psnr_db: float | None = None  # None: the backend's default per form
     calibration_samples: int = 4
+    form: str | None = None  # qnn-offline: w8a16 | float16 instead of each target's precision
+    emulate: bool | None = None  # qnn-offline: the emulated check; None = only where quick
 
 
 class Backend:
@@ -43,12 +45,15 @@ def new_profile(target: str, form: str, build: Build, device: dict, runs: int) -
     """The common profile document; backends fill ``components``.
 
     components.<name>:
-      latency_ms: {p50, p90, min, mean}   per call, after warm-up
+      latency_ms: {p50, p90, min, mean}   per call, after warm-up (None where not measured)
       load_ms: {first, warm}              model load / session creation (warm: None where not measured)
-      peak_memory_mb: float               peak resident memory while running
+      peak_memory_mb: float               peak resident memory while running (None where not measured)
       compute_units: {unit: layers}       layers placed per compute unit (NPU/GPU/CPU)
       top_ops: [{name, op_type, ms, share}]  slowest layers of one profiled call
       psnr_db: float                      the compiled form against the export (on the device for AI Hub)
+
+    A backend that cannot measure a figure (the offline HTP emulator: no phone latency or memory) sets
+    it None and says why in ``not_measured`` ({figure: reason}); gates report such checks as not measured.
     """
     return {
         "schema": PROFILE_SCHEMA,
@@ -65,5 +70,7 @@ def new_profile(target: str, form: str, build: Build, device: dict, runs: int) -
 
 
 def finish_profile(profile: dict) -> dict:
-    profile["total_latency_ms"] = round(sum(c["latency_ms"]["p50"] for c in profile["components"].values()), 3)
+    """The pipeline's total latency: None unless every component's was measured."""
+    latencies = [(c.get("latency_ms") or {}).get("p50") for c in profile["components"].values()]
+    profile["total_latency_ms"] = None if None in latencies else round(sum(latencies), 3)
     return profile
