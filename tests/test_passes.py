@@ -224,6 +224,7 @@ def test_cli_passes_json_and_errors(tmp_path, train_time_unet):
     assert [r["name"] for r in log] == [
         "merge_funnels",
         "strip_temporal",
+        "frames_as_batch",
         "single_token_cross_attention",
         "chunk_attention",
         "taesd_decoder",

@@ -6,6 +6,7 @@ A new pass is one new file and one line in PASSES.
 from mvd_deploy.passes.base import DeployPipeline, Pass, PassError, PassOptions
 from mvd_deploy.passes.chunk_attention import ChunkAttention
 from mvd_deploy.passes.fold_conditioning import FoldConditioning
+from mvd_deploy.passes.frames_as_batch import FramesAsBatch
 from mvd_deploy.passes.merge_funnels import MergeFunnels
 from mvd_deploy.passes.single_token_cross_attention import SingleTokenCrossAttentionPass
 from mvd_deploy.passes.strip_temporal import StripTemporal
@@ -16,6 +17,7 @@ PASSES: dict[str, type[Pass]] = {
     for cls in (
         MergeFunnels,
         StripTemporal,
+        FramesAsBatch,
         SingleTokenCrossAttentionPass,
         FoldConditioning,
         ChunkAttention,
