@@ -86,6 +86,16 @@ def test_gate_missing_component_fails(tmp_path):
     assert [(c["component"], c["note"]) for c in failed] == [("decoder", "not profiled")] * 3
 
 
+def test_a_zero_peak_memory_fails_the_gate(tmp_path):
+    """AI Hub's deprecated peak-memory field is 0 in new profiles: 0 MB is "not measured", not a pass."""
+    result = CliRunner().invoke(
+        main, ["gate", str(_write(tmp_path, _profile(unet_mb=0.0))), "--budget", "xiaomi-14-pro", "--json"]
+    )
+    assert result.exit_code == 1
+    [failed] = [c for c in json.loads(result.stdout)["checks"] if not c["passed"]]
+    assert (failed["component"], failed["metric"], failed["note"]) == ("unet", "peak_memory_mb", "not measured")
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
