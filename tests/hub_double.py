@@ -288,6 +288,7 @@ class FakeHub:
                 ("LayerNorm", "NPU", 30_000),
             ]
         ):
+            t = t * times[1] // 1_780_000  # the layers of one call fit in it
             layer = {"name": f"node_{i}", "type": kind, "compute_unit": unit}
             layer |= {"execution_cycles": t * 1_400} if self.cycles_only else {"execution_time": t}
             layers.append(layer)
