@@ -215,11 +215,11 @@ def test_w8a16_compiles_to_onnx_then_quantizes_min_max_then_compiles(build, tmp_
 
 
 def test_a_graph_that_cannot_fit_one_context_is_refused_before_uploading(build, tmp_path):
-    hub = FakeHub()
+    hub, target = FakeHub(), _target(tmp_path, context_limit_mb=0.5)
     with pytest.raises(MvdError) as err:
-        QaiHubBackend(hub).compile(build, [_target(tmp_path, context_limit_mb=0.5)], CompileOptions(), quiet=True)
+        QaiHubBackend(hub).compile(build, [target], CompileOptions(), quiet=True)
     message = str(err.value)
-    assert message.startswith("--target xiaomi-14-pro: unet cannot fit one HTP context")
+    assert message.startswith(f"xiaomi-14-pro ({target.source}): unet cannot fit one HTP context")
     assert "bytes at w8a16" in message and "524,288 bytes" in message and "\n" not in message
     assert hub.calls == []
 
@@ -248,6 +248,22 @@ def test_upload_leaves_no_zip_in_the_temp_dir(build, tmp_path, monkeypatch):
 
 
 # -- a component in parts -----------------------------------------------------------------------------
+def test_a_component_over_the_part_size_is_compiled_in_parts(build, tmp_path):
+    """The tiny UNet's float16 weights (7.6 MB) over a 4 MB part size: the build's own parts (#7)."""
+    hub = FakeHub()
+    target = _target(tmp_path, precision="float16", max_part_weights_mb=4)
+    records = QaiHubBackend(hub).compile(build, [target], CompileOptions(), quiet=True)
+    components = records["xiaomi-14-pro/float16"]["components"]
+    assert [g["name"] for g in components["unet"]["graphs"]] == ["unet.part0", "unet.part1"]
+    assert [g["name"] for g in components["decoder"]["graphs"]] == ["decoder"]
+    assert [c[2] for c in _calls(hub, "upload_model")] == [
+        "mvd-tiny-unet.part0",
+        "mvd-tiny-unet.part1",
+        "mvd-tiny-decoder",
+    ]
+    assert [g.name for g in Build(build.path).graphs("unet")] == ["unet.part0", "unet.part1"]
+
+
 def _parts_build(root) -> Build:
     """A build whose UNet is two small ONNX graphs run in order; part1 reads part0's output."""
     root.mkdir()

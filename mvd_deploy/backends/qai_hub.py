@@ -40,7 +40,7 @@ from mvd_deploy.build import Build, Graph
 from mvd_deploy.errors import MvdError
 from mvd_deploy.htp import check_fits
 from mvd_deploy.onnx_tools import compare, ort_session
-from mvd_deploy.parts import graph_feeds
+from mvd_deploy.parts import graph_feeds, parts_needed, split_component
 from mvd_deploy.progress import Stages
 
 NOT_CONFIGURED = (
@@ -164,6 +164,21 @@ def _newest(devices: list):
     """get_devices returns one entry per OS version: the newest (the last of equals, as
     qai-hub-models takes the last)."""
     return sorted(devices, key=lambda d: _os_version(d.os))[-1]
+
+
+def compile_graphs(build: Build, targets: list) -> list[Graph]:
+    """The graphs every target compiles: each component in as many parts as the most demanding NPU
+    target needs (``max_part_weights_mb`` at its precision; a build already in more parts is kept),
+    and refused here, before anything is uploaded, when a graph's weights exceed a target's context."""
+    npu = [t for t in targets if t.compute_unit in HTP_COMPUTE_UNITS]
+    graphs = []
+    for component in build.components:
+        needed = max((parts_needed(build, component, t.precision, t.max_part_weights_mb) for t in npu), default=1)
+        current = build.graphs(component)
+        graphs += split_component(build, component, needed) if needed > len(current) else current
+    for target in npu:
+        check_fits(graphs, target.precision, target.context_limit_mb, f"{target.name} ({target.source})")
+    return graphs
 
 
 def select_device(hub, target):
@@ -321,11 +336,7 @@ class QaiHubBackend(Backend):
     # -- compile -----------------------------------------------------------------------------------
     def compile(self, build: Build, targets: list, options: CompileOptions, quiet: bool = False) -> dict[str, dict]:
         hub = self._hub()
-        graphs = [graph for component in build.components for graph in build.graphs(component)]
-        # Refused here, before anything is uploaded: a graph whose weights alone exceed one context.
-        for target in targets:
-            if target.compute_unit in HTP_COMPUTE_UNITS:
-                check_fits(graphs, target.precision, target.context_limit_mb, f"--target {target.name}")
+        graphs = compile_graphs(build, targets)
         quantizing = any(t.precision == "w8a16" for t in targets)
         stages = Stages(4 + quantizing, quiet=quiet, name="compile qai-hub")
         with hub_session(hub, build.path):
