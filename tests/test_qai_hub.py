@@ -539,7 +539,8 @@ def test_cli_compile_profile_and_pull_print_one_json_object(build, tmp_path, mon
 @pytest.mark.parametrize("name", ["xiaomi-14-pro", "galaxy-s24", "snapdragon-8-elite", "ort-cpu"])
 def test_shipped_device_profiles_load(name):
     profile = resolve_target(name)
-    assert profile.name == name and profile.budgets["unet"].latency_ms > 0
+    unet = profile.budgets["unet"]  # phones: absolute latency; CPUs: a share of the measured GEMM rate
+    assert profile.name == name and (unet.latency_ms or 0) + (unet.min_compute_efficiency or 0) > 0
 
 
 def test_xiaomi_selects_by_chipset():
