@@ -233,6 +233,9 @@ def _format_compiled(records: dict) -> str:
         for name, c in record["components"].items():
             v = c.get("validation")
             label = f"  {key:<{width}} {name:<8} "
+            if record.get("backend") == "qai-hub":  # checked on the device by `mvd-deploy profile`
+                lines.append(label + ", ".join(f"{g['file']} (compile job {g['compile_job']})" for g in c["graphs"]))
+                continue
             if "graphs" in c:  # qnn-offline: EPContext wrappers and their QNN context binaries
                 contexts = ", ".join(f"{g['context_binary']} {g['context_bytes'] / 2**20:.1f} MB" for g in c["graphs"])
                 lines.append(label + contexts)
@@ -240,9 +243,6 @@ def _format_compiled(records: dict) -> str:
                 if v is None:
                     lines.append(f"{label}emulated check {c['emulation']}")
                     continue
-            elif v is None:  # AI Hub: checked on the device by `mvd-deploy profile`
-                lines.append(f"{label}{c['file']} (compile job {c['compile_job']})")
-                continue
             sens = v.get("conditioning_sensitivity")
             extra = (
                 f"  conditioning sensitivity {sens['compiled']:.3f} (export {sens['reference']:.3f})" if sens else ""
@@ -344,11 +344,16 @@ def _format_profile(p: dict) -> str:
     lines = [f"{p['target']}/{p['form']} on {p['device']['name']} ({p['runs']} runs)"]
     for name, c in p["components"].items():
         lat = c["latency_ms"]
+        load, peak = c["load_ms"]["first"], c["peak_memory_mb"]
         lines.append(
             f"  {name:<8} p50 {lat['p50']:10.1f} ms  p90 {lat['p90']:10.1f} ms  min {lat['min']:10.1f} ms  "
-            f"load {c['load_ms']['first']:8.1f} ms  peak {c['peak_memory_mb']:8.1f} MB"
+            f"load {'-' if load is None else f'{load:.1f}':>8} ms  peak {'-' if peak is None else f'{peak:.1f}':>8} MB"
         )
         for op in c["top_ops"][:5]:
+            if op["ms"] is None:  # the device reported cycles only
+                share = f"{100 * op['cycles_share']:5.1f}%"
+                lines.append(f"      {op['op_type']:<24} {op['cycles']:>13,} cycles {share}  {op['name']}")
+                continue
             share = f"{100 * op['share']:5.1f}%" if op["share"] is not None else "    -"
             lines.append(f"      {op['op_type']:<24} {op['ms']:10.2f} ms {share}  {op['name']}")
     lines.append(f"  total p50 {p['total_latency_ms']:.1f} ms")

@@ -56,6 +56,7 @@ class DeviceProfile:
     compute_unit: str = "npu"
     compile_options: str = ""
     profile_options: str = ""
+    qairt_version: str = "default"  # qai-hub: a QAIRT version ("2.37") or AI Hub tag (default, latest), pinned per job
     calibration_samples: int = 100
     chipset: Chipset | None = None
     context_limit_mb: float = 2048.0  # one HTP context: the NPU is a 32-bit co-processor
@@ -127,6 +128,7 @@ def load_device_profile(path: str | Path) -> DeviceProfile:
             raise s.error("compute_unit", f"must be one of {list(COMPUTE_UNITS)}, got {profile.compute_unit!r}")
         profile.compile_options = s.get("compile_options", str, "")
         profile.profile_options = s.get("profile_options", str, "")
+        profile.qairt_version = s.get("qairt_version", str, "default")  # quoted in YAML: "2.30", not 2.3
         profile.calibration_samples = s.get("calibration_samples", int, 100)
         if profile.calibration_samples < 1:
             raise s.error("calibration_samples", f"must be at least 1, got {profile.calibration_samples}")

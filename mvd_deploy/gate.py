@@ -75,7 +75,9 @@ def gate(profile: dict, budget: DeviceProfile) -> list[Check]:
             if measured is None and measured_component is not None and figure in declared:
                 checks.append(Check(component, field, None, limit, unit, False, declared[figure], not_measured=True))
                 continue
-            if measured is None:
+            # A backend reporting 0 ms or 0 MB did not measure it (AI Hub's deprecated peak-memory field
+            # is 0 in new profiles): that fails like a missing figure, never passes a budget.
+            if measured is None or (direction == "at most" and measured <= 0):
                 note = "not profiled" if measured_component is None else "not measured"
                 checks.append(Check(component, field, None, limit, unit, False, note))
                 continue

@@ -79,6 +79,7 @@ def pull_build(source: Path, out: Path, targets: list[str] | None = None) -> dic
             "model": build.manifest.get("model"),
             "components": {n: {"inputs": c["inputs"], "outputs": c["outputs"]} for n, c in build.components.items()},
             "compiled": {k: compiled[k] for k in keys},
+            "graphs": {k: graph_contracts(build, compiled[k]) for k in keys},
             "files": {r: {"sha256": e["sha256"], "bytes": e["bytes"]} for r, e in wanted.items()},
             "toolchain": build.manifest.get("toolchain"),
         }
@@ -86,24 +87,70 @@ def pull_build(source: Path, out: Path, targets: list[str] | None = None) -> dic
     return record
 
 
+def graph_contracts(build: Build, record: dict) -> dict[str, list[dict]]:
+    """Per component, the graphs an app runs in this order, each with its path in the pulled
+    directory and its I/O as compiled. Any backend's record that lists ``graphs`` gives them (AI Hub:
+    float16 I/O after --quantize_io, renamed outputs); a record without them compiled each whole
+    component with the export's I/O."""
+    contracts = {}
+    for name, component in record["components"].items():
+        graphs = component.get("graphs") or [
+            {
+                "name": name,
+                "file": component.get("file") or component.get("onnx"),
+                "inputs": build.components[name]["inputs"],
+                "outputs": build.components[name]["outputs"],
+            }
+        ]
+        contracts[name] = [
+            {
+                "name": graph["name"],
+                "path": f"{record['directory']}/{graph['file']}",
+                "inputs": graph["inputs"],
+                "outputs": graph["outputs"],
+            }
+            for graph in graphs
+        ]
+    return contracts
+
+
 def pull_hub_job(job_id: str, out: Path) -> dict:
-    from mvd_deploy.backends.qai_hub import _client, hub_errors
+    """One AI Hub compile job's model (an ONNX-type target unpacked from its .zip), with its I/O as
+    compiled."""
+    from mvd_deploy.backends.qai_hub import _client, hub_session, unpack_model
 
     check_output_dir(out)
     hub = _client()
-    with hub_errors(hub), atomic_output_dir(out) as tmp:
+    with hub_session(hub), atomic_output_dir(out) as tmp:
         job = hub.get_job(job_id)
+        if job.job_type != "compile":
+            raise MvdError(f"SOURCE {job_id}: AI Hub job {job_id} is not a compile job ({job.job_type} job, {job.url})")
         status = job.get_status()
         if not status.success:
             raise ValidationFailed(
                 f"AI Hub job {job_id} is not a finished compile job ({status.state.name}; {job.url})"
             )
-        written = Path(job.download_target_model(str(tmp / "model")) or tmp / "model")
+        written = Path(job.download_target_model(str(tmp / "model")))  # the client adds the server's extension
+        if written.suffix == ".zip":
+            written = unpack_model(written, tmp / "model")
+        shapes = job.get_target_shapes() or {}
+        model = job.get_target_model()
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
         record = {
             "source": f"qai-hub:{job_id}",
             "job_url": job.url,
             "pulled": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files": {written.name: {"sha256": sha256_file(written), "bytes": written.stat().st_size}},
+            "path": written.relative_to(tmp).as_posix(),
+            "inputs": [{"name": n, "shape": list(shape), "dtype": dtype} for n, (shape, dtype) in shapes.items()],
+            "outputs": [
+                {"name": t.name, "shape": list(t.shape or []), "dtype": t.dtype}
+                for tensors in model.output_spec.values()
+                for t in tensors
+            ],
+            "context_graphs": [name for name in model.output_spec if name is not None],
+            "files": {
+                p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files
+            },
         }
         write_json(tmp / PULLED_MANIFEST, record)
     return record

@@ -73,8 +73,11 @@ def plot_top_ops(profile: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(components), figsize=(6 * len(components), 4), squeeze=False)
     for ax, name in zip(axes[0], components, strict=True):
         ops = profile["components"][name]["top_ops"][::-1]
-        ax.barh([f"{o['op_type']} {o['name'][-18:]}" for o in ops], [o["ms"] for o in ops])
-        ax.set_xlabel("ms in one call")
+        timed = [o for o in ops if o["ms"] is not None]  # none when the device reported cycles only
+        unit = "ms" if timed else "cycles"
+        ops = timed or ops
+        ax.barh([f"{o['op_type']} {o['name'][-18:]}" for o in ops], [o[unit] for o in ops])
+        ax.set_xlabel(f"{unit} in one call")
         ax.set_title(f"{name}: slowest ops")
         ax.tick_params(axis="y", labelsize=7)
     fig.suptitle(f"{profile['target']}/{profile['form']}")

@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 import mvd_deploy.backends.qai_hub as hub_backend
@@ -15,7 +16,7 @@ from mvd_deploy.backends.base import CompileOptions
 from mvd_deploy.backends.qai_hub import QaiHubBackend
 from mvd_deploy.build import Build, sha256_file
 from mvd_deploy.cli import main
-from mvd_deploy.device_profiles import resolve_target
+from mvd_deploy.device_profiles import load_device_profile
 
 
 def _profile(unet_ms=1500.0, decoder_ms=300.0, unet_mb=2000.0, psnr=45.0):
@@ -86,6 +87,16 @@ def test_gate_missing_component_fails(tmp_path):
     assert [(c["component"], c["note"]) for c in failed] == [("decoder", "not profiled")] * 3
 
 
+def test_a_zero_peak_memory_fails_the_gate(tmp_path):
+    """AI Hub's deprecated peak-memory field is 0 in new profiles: 0 MB is "not measured", not a pass."""
+    result = CliRunner().invoke(
+        main, ["gate", str(_write(tmp_path, _profile(unet_mb=0.0))), "--budget", "xiaomi-14-pro", "--json"]
+    )
+    assert result.exit_code == 1
+    [failed] = [c for c in json.loads(result.stdout)["checks"] if not c["passed"]]
+    assert (failed["component"], failed["metric"], failed["note"]) == ("unet", "peak_memory_mb", "not measured")
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -144,6 +155,10 @@ def test_pull_copies_verified_compiled_artifacts(compiled_build, tmp_path):
         assert sha256_file(tmp_path / "app" / relative) == entry["sha256"]
     assert (tmp_path / "app" / "compiled" / "ort-cpu" / "fp32" / "unet.onnx").is_file()
     assert pulled["components"]["unet"]["inputs"][0]["name"] == "sample"
+    # a record without per-graph contracts compiled each whole component with the export's I/O
+    [unet] = pulled["graphs"]["ort-cpu/fp32"]["unet"]
+    assert unet["path"] == "compiled/ort-cpu/fp32/unet.onnx" and (tmp_path / "app" / unet["path"]).is_file()
+    assert unet["inputs"] == pulled["components"]["unet"]["inputs"]
 
 
 def test_pull_catches_a_tampered_artifact(compiled_build, tmp_path):
@@ -168,18 +183,62 @@ def test_pull_refuses_a_manifest_path_outside_the_build(compiled_build, tmp_path
     assert not (tmp_path / "app").exists()
 
 
-def test_pull_an_ai_hub_compile_job(tiny_build, tmp_path, monkeypatch):
+def _hub_target(tmp_path, **keys):
+    data = yaml.safe_load((ROOT / "device_profiles" / "xiaomi-14-pro.yaml").read_text()) | keys
+    (tmp_path / "hub-target.yaml").write_text(yaml.safe_dump(data))
+    return load_device_profile(tmp_path / "hub-target.yaml")
+
+
+def test_pull_carries_each_graphs_contract_as_compiled(tiny_build, tmp_path, monkeypatch):
     hub = FakeHub()
     monkeypatch.setattr(hub_backend, "_client", lambda: hub)
     build = Build(shutil.copytree(tiny_build, tmp_path / "build"))
-    records = QaiHubBackend(hub).compile(build, [resolve_target("xiaomi-14-pro")], CompileOptions(), quiet=True)
-    job_id = records["xiaomi-14-pro/w8a16"]["components"]["unet"]["compile_job"]
+    QaiHubBackend(hub).compile(build, [_hub_target(tmp_path, precision="float16")], CompileOptions(), quiet=True)
+    result = CliRunner().invoke(main, ["pull", str(build.path), "--out", str(tmp_path / "app"), "--json"])
+    assert result.exit_code == 0, result.output
+    pulled = json.loads((tmp_path / "app" / "artifacts.json").read_text())
+    [unet] = pulled["graphs"]["xiaomi-14-pro/float16"]["unet"]
+    assert unet["path"] == "compiled/xiaomi-14-pro/float16/unet.bin" and (tmp_path / "app" / unet["path"]).is_file()
+    # not the export's float32 I/O: --quantize_io made it float16, the compiled outputs are renamed
+    assert [(i["name"], i["dtype"]) for i in unet["inputs"]] == [
+        ("sample", "float16"),
+        ("encoder_hidden_states", "float16"),
+    ]
+    assert [(o["name"], o["dtype"]) for o in unet["outputs"]] == [("output_0", "float16")]
+
+
+@pytest.mark.parametrize("runtime,path", [("qnn_context_binary", "model.bin"), ("onnx", "model/unet.onnx")])
+def test_pull_an_ai_hub_compile_job(tiny_build, tmp_path, monkeypatch, runtime, path):
+    hub = FakeHub()
+    monkeypatch.setattr(hub_backend, "_client", lambda: hub)
+    build = Build(shutil.copytree(tiny_build, tmp_path / "build"))
+    target = _hub_target(tmp_path, precision="float16", runtime=runtime)
+    records = QaiHubBackend(hub).compile(build, [target], CompileOptions(), quiet=True)
+    job_id = records["xiaomi-14-pro/float16"]["components"]["unet"]["graphs"][0]["compile_job"]
     result = CliRunner().invoke(main, ["pull", job_id, "--out", str(tmp_path / "app"), "--json"])
     assert result.exit_code == 0, result.output
-    pulled = json.loads(result.stdout)
-    assert pulled["source"] == f"qai-hub:{job_id}"
-    [(name, entry)] = pulled["files"].items()
-    assert sha256_file(tmp_path / "app" / name) == entry["sha256"]
+    pulled = json.loads(result.stdout)  # one JSON object: the client's "Downloaded model to …" went to stderr
+    assert pulled["source"] == f"qai-hub:{job_id}" and pulled["path"] == path  # an ONNX target's .zip unpacked
+    assert [i["dtype"] for i in pulled["inputs"]] == ["float16", "float16"]
+    for name, entry in pulled["files"].items():
+        assert sha256_file(tmp_path / "app" / name) == entry["sha256"]
+    assert not list((tmp_path / "app").rglob("*.zip"))
+
+
+def test_pull_a_job_that_is_not_a_compile_job(tiny_build, tmp_path, monkeypatch):
+    hub = FakeHub()
+    monkeypatch.setattr(hub_backend, "_client", lambda: hub)
+    build = Build(shutil.copytree(tiny_build, tmp_path / "build"))
+    target = [_hub_target(tmp_path, precision="float16")]
+    QaiHubBackend(hub).compile(build, target, CompileOptions(), quiet=True)
+    [profile] = QaiHubBackend(hub).profile(build, target, None, runs=1, quiet=True)
+    job_id = profile["components"]["unet"]["inference_job"]
+    result = CliRunner().invoke(main, ["pull", job_id, "--out", str(tmp_path / "app")])
+    assert result.exit_code == 2 and not (tmp_path / "app").exists()
+    assert result.stderr.strip() == (
+        f"error: SOURCE {job_id}: AI Hub job {job_id} is not a compile job "
+        f"(inference job, https://app.aihub.example/jobs/{job_id}/)"
+    )
 
 
 # -- report -------------------------------------------------------------------------------------------

@@ -47,9 +47,11 @@ def new_profile(target: str, form: str, build: Build, device: dict, runs: int) -
     components.<name>:
       latency_ms: {p50, p90, min, mean}   per call, after warm-up (None where not measured)
       load_ms: {first, warm}              model load / session creation (warm: None where not measured)
-      peak_memory_mb: float               peak resident memory while running (None where not measured)
+      peak_memory_mb: float | None        peak resident memory while running (None: not measured)
       compute_units: {unit: layers}       layers placed per compute unit (NPU/GPU/CPU)
-      top_ops: [{name, op_type, ms, share}]  slowest layers of one profiled call
+      top_ops: [{name, op_type, ms, share}]  slowest layers of one profiled call (layers timed in
+                                          cycles only: ms and share None, cycles and cycles_share)
+      graphs: {graph: {...}}              a component compiled in parts: each part's own figures
       psnr_db: float                      the compiled form against the export (on the device for AI Hub)
 
     A backend that cannot measure a figure (the offline HTP emulator: no phone latency or memory) sets
