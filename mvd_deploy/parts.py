@@ -291,11 +291,18 @@ def _check_chain(build: Build, component: str, staged: Path, graphs: list[dict])
     return validation
 
 
-def prepare_graphs(build: Build, component: str, *, precision: str, target) -> list[Graph]:
-    """The graphs to compile ``component`` as for a phone ``target`` (a device profile): split into
-    as many parts as its ``max_part_weights_mb`` needs at ``precision``, each checked against the
-    target's context limit before anything is compiled or uploaded."""
-    count = parts_needed(build, component, precision, target.max_part_weights_mb)
-    graphs = split_component(build, component, count)
-    check_fits(graphs, precision, target.context_limit_mb, f"{target.source}")
-    return graphs
+def split_for_targets(build: Build, plan) -> None:
+    """Make ``build`` ready to compile for phone targets: ``plan`` is [(device profile, precision)].
+
+    Each component is split into as many parts as the most demanding target needs (its
+    ``max_part_weights_mb`` at its precision; a build already in more parts is kept, so AI Hub and
+    offline compiles share one split), then every graph is checked against every target's context
+    limit — refused, one line naming graph, bytes and limit, before anything is compiled or uploaded.
+    """
+    for component in build.components:
+        needed = max((parts_needed(build, component, p, t.max_part_weights_mb) for t, p in plan), default=1)
+        if needed > len(build.graphs(component)):
+            split_component(build, component, needed)
+    for target, precision in plan:
+        for component in build.components:
+            check_fits(build.graphs(component), precision, target.context_limit_mb, f"{target.name} ({target.source})")

@@ -12,7 +12,7 @@ from mvd_deploy.build import Build
 from mvd_deploy.device_profiles import resolve_target
 from mvd_deploy.errors import MvdError
 from mvd_deploy.onnx_tools import psnr_db, run_onnx
-from mvd_deploy.parts import graph_feeds, parts_needed, prepare_graphs, run_chain, split_component
+from mvd_deploy.parts import graph_feeds, parts_needed, run_chain, split_component, split_for_targets
 
 
 @pytest.fixture
@@ -76,14 +76,18 @@ def test_resplit_reuses_then_replaces_then_removes(build):
 
 def test_phone_targets_split_by_weight_and_refuse_what_cannot_fit(build):
     target = resolve_target("xiaomi-14-pro")
-    assert prepare_graphs(build, "unet", precision="w8a16", target=target)[0].name == "unet"  # tiny: one graph
+    split_for_targets(build, [(target, "w8a16")])
+    assert [g.name for g in build.graphs("unet")] == ["unet"]  # tiny: one graph
     weights_mb = parts_needed(build, "unet", "float16", 1.0)  # float16 MB, rounded up
     small = dataclasses.replace(target, max_part_weights_mb=weights_mb / 3 + 0.01)
-    assert len(prepare_graphs(build, "unet", precision="float16", target=small)) == 3
+    split_for_targets(build, [(target, "w8a16"), (small, "float16")])  # the most demanding target decides
+    assert len(build.graphs("unet")) == 3
+    split_for_targets(build, [(target, "w8a16")])
+    assert len(build.graphs("unet")) == 3  # a build in more parts is kept: targets share one split
     tiny_context = dataclasses.replace(target, context_limit_mb=0.5)
     with pytest.raises(
         MvdError,
-        match=r"unet cannot fit one HTP context: its weights alone are [\d,]+ bytes at w8a16, "
-        r"the limit is 524,288 bytes",
+        match=r"xiaomi-14-pro \(.*xiaomi-14-pro.yaml\): unet.part\d cannot fit one HTP context: its weights alone "
+        r"are [\d,]+ bytes at w8a16, the limit is 524,288 bytes",
     ):
-        prepare_graphs(build, "unet", precision="w8a16", target=tiny_context)
+        split_for_targets(build, [(tiny_context, "w8a16")])

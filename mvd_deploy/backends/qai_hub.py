@@ -38,9 +38,8 @@ from mvd_deploy.backends.base import Backend, CompileOptions, finish_profile, ne
 from mvd_deploy.backends.ort_cpu import pipeline_inputs, relative_change
 from mvd_deploy.build import Build, Graph
 from mvd_deploy.errors import MvdError
-from mvd_deploy.htp import check_fits
 from mvd_deploy.onnx_tools import compare, ort_session
-from mvd_deploy.parts import graph_feeds, parts_needed, split_component
+from mvd_deploy.parts import graph_feeds, split_for_targets
 from mvd_deploy.progress import Stages
 
 NOT_CONFIGURED = (
@@ -167,18 +166,9 @@ def _newest(devices: list):
 
 
 def compile_graphs(build: Build, targets: list) -> list[Graph]:
-    """The graphs every target compiles: each component in as many parts as the most demanding NPU
-    target needs (``max_part_weights_mb`` at its precision; a build already in more parts is kept),
-    and refused here, before anything is uploaded, when a graph's weights exceed a target's context."""
-    npu = [t for t in targets if t.compute_unit in HTP_COMPUTE_UNITS]
-    graphs = []
-    for component in build.components:
-        needed = max((parts_needed(build, component, t.precision, t.max_part_weights_mb) for t in npu), default=1)
-        current = build.graphs(component)
-        graphs += split_component(build, component, needed) if needed > len(current) else current
-    for target in npu:
-        check_fits(graphs, target.precision, target.context_limit_mb, f"{target.name} ({target.source})")
-    return graphs
+    """The graphs every target compiles, split and checked for the NPU targets (parts.split_for_targets)."""
+    split_for_targets(build, [(t, t.precision) for t in targets if t.compute_unit in HTP_COMPUTE_UNITS])
+    return [graph for component in build.components for graph in build.graphs(component)]
 
 
 def select_device(hub, target):

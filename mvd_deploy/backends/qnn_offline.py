@@ -36,6 +36,7 @@ from mvd_deploy.build import Build
 from mvd_deploy.device_profiles import HUB_PRECISIONS
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.onnx_tools import compare, describe_io, ort_session
+from mvd_deploy.parts import split_for_targets
 from mvd_deploy.progress import Stages
 
 QNN_EP = "QNNExecutionProvider"
@@ -415,12 +416,9 @@ class QnnOfflineBackend(Backend):
 
     def compile(self, build: Build, targets: list, options: CompileOptions, quiet: bool = False) -> dict[str, dict]:
         plan = [(target, self.precision(target, options.form)) for target in targets]
-        for target, precision in plan:  # refuse bad input before any long work
+        for target, _ in plan:  # refuse bad input before any long work
             require_chipset(target)
-            for component in build.components:
-                htp.check_fits(
-                    build.graphs(component), precision, target.context_limit_mb, f"{target.name} ({target.source})"
-                )
+        split_for_targets(build, plan)  # parts where a component is too large; refuses what cannot fit
         qnn_runtime()
         work = build.staging_dir("qnn-offline-work")  # QDQ models, shared by targets of one precision
         records: dict[str, dict] = {}
