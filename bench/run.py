@@ -93,6 +93,13 @@ def measure_chain() -> dict:
             for form in ("fp32", "int8-dynamic")
         }
         eager = run_python(["bench/eager.py", str(ckpt), "3"])
+        # The phone path offline (Snapdragon 8 Gen 3 NPU, QNN HTP): the UNet split into its HTP parts,
+        # each w8a16 (QDQ calibrated on a few pipeline inputs: each costs full-size forwards here)
+        # and compiled; the emulated check is left out (hours at ~2 GFLOP/s on this CPU).
+        npu = measure(
+            ["compile", str(build), "--target", "xiaomi-14-pro", "--offline"]
+            + ["--calibration-samples", "4", "--no-emulate", "--json"]
+        )
         manifest = json.loads((build / "build.json").read_text())
         raw = {
             "weight_bytes": weight_bytes,
@@ -102,6 +109,7 @@ def measure_chain() -> dict:
             "compile": compile_,
             "profiles": profiles,
             "eager": eager,
+            "npu": npu,
             "manifest": manifest,
         }
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -181,9 +189,36 @@ def summarize_chain(raw: dict) -> list[dict]:
                 "nodes": f"{c['nodes']['exported']} -> {c['nodes']['simplified']} (onnxsim)",
             }
         )
+    if "npu" in raw:
+        rows += summarize_npu(raw["npu"])
     decoder = profiles["fp32"]["components"].get("decoder")
     if decoder:
         rows.append({"case": "decoder per call (14 frames): ORT CPU fp32", "p50_ms": decoder["latency_ms"]["p50"]})
+    return rows
+
+
+def summarize_npu(npu: dict) -> list[dict]:
+    """Offline w8a16 compile for SM8650: per graph (UNet parts, decoder) compile time and context size."""
+    [record] = json.loads(npu["stdout"]).values()
+    rows = [
+        {
+            "case": f"offline QNN HTP compile {record['target']} {record['form']} (all graphs)",
+            "wall_s": npu["wall_s"],
+            "peak_rss_gb": round(npu["peak_rss_bytes"] / 1e9, 2),
+            "goal": "whole UNet <= 15 min, peak < 20 GB",
+        }
+    ]
+    for component in record["components"].values():
+        for graph in component["graphs"]:
+            rows.append(
+                {
+                    "case": f"  {graph['name']} ({record['chipset']['name']}, {record['precision']})",
+                    "compile_s": graph["compile_s"],
+                    "context_mb": round(graph["context_bytes"] / 2**20, 1),
+                    "weights_mb": round(graph["weight_bytes"] / 2**20, 1),
+                    "goal": "context < 1024 MB",
+                }
+            )
     return rows
 
 

@@ -147,15 +147,16 @@ def summary_rows(build: Build) -> list[dict]:
         profiles[f"{profile['target']}/{profile['form']}"] = profile
     rows = []
     for name, component in build.components.items():
-        forms = [("export " + build.manifest.get("precision", "fp32"), component["validation"], None)]
+        forms = [("export " + build.manifest.get("precision", "fp32"), component["validation"], None, [])]
         for key, record in build.manifest.get("compiled", {}).items():
             if name in record["components"]:
                 compiled = record["components"][name]
                 # ort-cpu validates when compiling; AI Hub forms are checked on the device by `profile`;
                 # qnn-offline on the HTP emulator when compiling, or by `profile --emulate`
                 validation = compiled.get("validation") or compiled.get("on_device") or {}
-                forms.append((key, validation, profiles.get(key)))
-        for form, validation, profile in forms:
+                forms.append((key, validation, profiles.get(key), compiled.get("graphs") or []))
+        for form, validation, profile, graphs in forms:
+            contexts = [g["context_bytes"] for g in graphs if "context_bytes" in g]
             measured = profile["components"].get(name) if profile else None
             rows.append(
                 {
@@ -167,6 +168,10 @@ def summary_rows(build: Build) -> list[dict]:
                     # None where not measured (the offline HTP emulator has no phone latency)
                     "p50_ms": (measured.get("latency_ms") or {}).get("p50") if measured else None,
                     "peak_memory_mb": measured.get("peak_memory_mb") if measured else None,
+                    # phone forms compiled here: how many graphs (parts), their contexts and compile time
+                    "graphs": len(graphs) or None,
+                    "context_mb": round(sum(contexts) / 2**20, 1) if contexts else None,
+                    "compile_s": round(sum(g["compile_s"] for g in graphs), 1) if contexts else None,
                 }
             )
     return rows

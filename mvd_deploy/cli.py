@@ -197,10 +197,8 @@ def export_cmd(
 )
 @click.option(
     "--calibration-samples",
-    default=4,
-    show_default=True,
-    type=int,
-    help="ort-cpu static int8 calibration inputs (--offline w8a16: the profile's calibration_samples).",
+    type=click.IntRange(min=1),
+    help="Calibration inputs: ort-cpu static int8 (default 4); phones' w8a16 (default: the profile's).",
 )
 @click.option(
     "--form",
@@ -375,15 +373,16 @@ def summary_cmd(build_dir, as_json):
 def _format_summary(rows: list[dict]) -> str:
     width = max([22, *(len(r["form"]) for r in rows)])
     header = f"  {'component':<9} {'form':<{width}} {'params':>13} {'TFLOPs':>7} {'PSNR dB':>8} "
-    header += f"{'p50 ms':>10} {'peak MB':>9}"
+    header += f"{'p50 ms':>10} {'peak MB':>9} {'graphs':>6} {'context MB':>10} {'compile s':>9}"
     lines = [header]
     for r in rows:
         p50 = f"{r['p50_ms']:.1f}" if r["p50_ms"] is not None else "-"
         psnr = r["psnr_db"] if r["psnr_db"] is not None else "-"
         peak = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
+        phone = [f"{r[k]}" if r.get(k) is not None else "-" for k in ("graphs", "context_mb", "compile_s")]
         lines.append(
             f"  {r['component']:<9} {r['form']:<{width}} {r['params']:>13,} {r['tflops']:>7.3f} "
-            f"{psnr:>8} {p50:>10} {peak:>9}"
+            f"{psnr:>8} {p50:>10} {peak:>9} {phone[0]:>6} {phone[1]:>10} {phone[2]:>9}"
         )
     return "\n".join(lines)
 

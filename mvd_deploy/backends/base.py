@@ -6,6 +6,7 @@ ONNX Runtime CPU and Qualcomm AI Hub results the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -20,9 +21,19 @@ PROFILE_SCHEMA_VERSION = 1
 class CompileOptions:
     int8: str | None = None  # None | "dynamic" | "static"
     min_psnr_db: float | None = None  # None: the backend's default per form
-    calibration_samples: int = 4
+    calibration_samples: int | None = None  # None: ort-cpu static int8 4; phones: each profile's own
     form: str | None = None  # qnn-offline: w8a16 | float16 instead of each target's precision
     emulate: bool | None = None  # qnn-offline: the emulated check; None = only where quick
+
+
+STATIC_INT8_CALIBRATION_SAMPLES = 4
+
+
+def with_calibration(targets: list, options: CompileOptions) -> list:
+    """Phone targets with ``options.calibration_samples`` (when given) instead of their profile's own."""
+    if options.calibration_samples is None:
+        return targets
+    return [dataclasses.replace(t, calibration_samples=options.calibration_samples) for t in targets]
 
 
 class Backend:

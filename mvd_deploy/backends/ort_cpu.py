@@ -22,7 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mvd_deploy.backends.base import Backend, CompileOptions, finish_profile, new_profile
+from mvd_deploy.backends.base import (
+    STATIC_INT8_CALIBRATION_SAMPLES,
+    Backend,
+    CompileOptions,
+    finish_profile,
+    new_profile,
+)
 from mvd_deploy.build import Build
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.onnx_tools import compare, ort_session
@@ -270,7 +276,8 @@ def _quantize(build: Build, name: str, form: str, source: Path, out: Path, optio
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.samples = iter(pipeline_inputs(build, name, options.calibration_samples, seed=7))
+            samples = options.calibration_samples or STATIC_INT8_CALIBRATION_SAMPLES
+            self.samples = iter(pipeline_inputs(build, name, samples, seed=7))
 
         def get_next(self):
             return next(self.samples, None)

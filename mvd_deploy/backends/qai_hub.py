@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mvd_deploy.backends.base import Backend, CompileOptions, finish_profile, new_profile
+from mvd_deploy.backends.base import Backend, CompileOptions, finish_profile, new_profile, with_calibration
 from mvd_deploy.backends.ort_cpu import pipeline_inputs, relative_change
 from mvd_deploy.build import Build, Graph
 from mvd_deploy.errors import MvdError
@@ -325,6 +325,7 @@ class QaiHubBackend(Backend):
 
     # -- compile -----------------------------------------------------------------------------------
     def compile(self, build: Build, targets: list, options: CompileOptions, quiet: bool = False) -> dict[str, dict]:
+        targets = with_calibration(targets, options)
         hub = self._hub()
         graphs = compile_graphs(build, targets)
         quantizing = any(t.precision == "w8a16" for t in targets)

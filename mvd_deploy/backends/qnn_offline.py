@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from mvd_deploy import htp
-from mvd_deploy.backends.base import Backend, CompileOptions, finish_profile, new_profile
+from mvd_deploy.backends.base import Backend, CompileOptions, finish_profile, new_profile, with_calibration
 from mvd_deploy.backends.ort_cpu import VALIDATION_SEED, conditioning_sensitivity, cpu_name, pipeline_inputs
 from mvd_deploy.build import Build
 from mvd_deploy.device_profiles import HUB_PRECISIONS
@@ -307,15 +307,17 @@ def quantize_w8a16(source: Path, out: Path, reader, work: Path) -> None:
         # qnn_preprocess_model (ORT 1.32) fails on a model with metadata_props (onnxsim writes some)
         del model.metadata_props[:]
         preprocessed = work / f"{out.stem}.pre.onnx"
-        if qnn_preprocess_model(
+        external = {"all_tensors_to_one_file": True, "location": f"{preprocessed.stem}.data"}
+        if not qnn_preprocess_model(
             model,
             preprocessed,
             save_as_external_data=True,
             all_tensors_to_one_file=True,
-            external_data_location=f"{preprocessed.stem}.data",
-        ):
-            source = preprocessed
+            external_data_location=external["location"],
+        ):  # nothing to fuse: the same model, written beside its weights for the opset conversion
+            onnx.save(model, str(preprocessed), save_as_external_data=True, **external)
         del model
+        source = _opset_for_16bit(preprocessed, work / f"{out.stem}.pre21.onnx")
         config = get_qnn_qdq_config(
             str(source),
             reader,
@@ -327,8 +329,26 @@ def quantize_w8a16(source: Path, out: Path, reader, work: Path) -> None:
             quantize(str(source), str(out), config)
     finally:
         root.setLevel(level)
-        for path in work.glob(f"{out.stem}.pre.*"):
+        for path in work.glob(f"{out.stem}.pre*"):
             path.unlink()
+
+
+def _opset_for_16bit(source: Path, out: Path) -> Path:
+    """``source`` at opset 21 (16-bit QuantizeLinear), converted on the graph alone.
+
+    ORT's quantizer converts a model below opset 21 itself, but serialises it whole — weights included —
+    which protobuf refuses past 2 GB (every full-size UNet part). The graph is converted here without
+    its weights; the converted model sits beside ``source`` and refers to the same ``.data`` file."""
+    import onnx
+
+    model = onnx.load(str(source), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
+    if opset >= 21:
+        return source
+    if out.parent != source.parent:
+        raise ValueError("the converted model must sit beside its weights")
+    onnx.save(onnx.version_converter.convert_version(model, 21), str(out))
+    return out
 
 
 # -- the emulated check ----------------------------------------------------------------------------------
@@ -415,6 +435,7 @@ class QnnOfflineBackend(Backend):
         return wanted
 
     def compile(self, build: Build, targets: list, options: CompileOptions, quiet: bool = False) -> dict[str, dict]:
+        targets = with_calibration(targets, options)
         plan = [(target, self.precision(target, options.form)) for target in targets]
         for target, _ in plan:  # refuse bad input before any long work
             require_chipset(target)
