@@ -20,11 +20,11 @@ test: setup
 
 # The whole chain on the embedded default, full size: a MobileVD checkpoint (random init) and the
 # paper's Table 8 stages on it → export (deploy passes, ONNX, validated against PyTorch) → compile
-# for ONNX Runtime CPU (fp32 and int8) → profile both (fp32 gated on device_profiles/ort-cpu.yaml) →
+# for ONNX Runtime CPU (fp32 and int8) → profile both (fp32 gated on the ort-cpu profile) →
 # summary table → HTML report.
 demo: setup
 	rm -rf $(DEMO)
-	$(BIN)/mvd-deploy init-checkpoint --model models/mobilevd.yaml --out $(DEMO)/mobilevd-ckpt --seed 0
+	$(BIN)/mvd-deploy init-checkpoint --model mobilevd --out $(DEMO)/mobilevd-ckpt --seed 0
 	$(BIN)/mvd-deploy inspect $(DEMO)/mobilevd-ckpt --stages
 	$(BIN)/mvd-deploy export $(DEMO)/mobilevd-ckpt --out $(DEMO)/build
 	$(BIN)/mvd-deploy compile $(DEMO)/build --target ort-cpu --int8 dynamic

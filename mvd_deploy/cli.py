@@ -36,7 +36,12 @@ def main():
 
 
 @main.command("init-checkpoint")
-@click.option("--model", "recipe", required=True, type=click.Path(dir_okay=False), help="Model recipe (models/*.yaml).")
+@click.option(
+    "--model",
+    "recipe",
+    required=True,
+    help="Model recipe: a shipped model's name (mobilevd, svd, ...) or a path to a .yaml.",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to create.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random init.")
 @click.option(
@@ -68,7 +73,7 @@ def init_checkpoint_cmd(recipe, out, seed, from_svd, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (an object; a list of rows with --stages).")
 @_user_errors
 def inspect_cmd(target, stages, as_json):
-    """Parameters, shapes, temporal blocks and FLOPs of a recipe or checkpoint."""
+    """Parameters, shapes, temporal blocks and FLOPs of a checkpoint, a recipe file or a model name (mobilevd)."""
     from mvd_deploy.inspect import format_inspect, inspect_model, inspect_stages
     from mvd_deploy.stages import format_stage_table
 
@@ -155,8 +160,7 @@ def passes_cmd(checkpoint, passes, keep_conditioning_inputs, taesd_dir, decoder_
 @click.option(
     "--model",
     "recipe",
-    type=click.Path(dir_okay=False),
-    help="Recipe to deploy as (video size, steps, conditioning, passes); default: the checkpoint's own.",
+    help="Recipe (model name or path) to deploy as: video size, steps, conditioning, passes (default: the checkpoint).",
 )
 @click.option("--components", help="Comma-separated: unet,decoder (default: every component the passes make).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
