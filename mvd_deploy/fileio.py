@@ -54,17 +54,14 @@ def owned_temp_dir(parent: Path, prefix: str, label: str = "") -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{_HOST}-{os.getpid()}-{label + '-' if label else ''}", dir=parent))
 
 
-def remove_stale(parent: Path, prefix: str) -> list[Path]:
+def remove_stale(parent: Path, prefix: str) -> None:
     """Remove the directories that :func:`owned_temp_dir` made in ``parent`` with ``prefix`` for a
-    process of this host that no longer runs; returns them."""
+    process of this host that no longer runs."""
     owned = re.compile(re.escape(prefix) + r"(?P<host>[A-Za-z0-9._]+)-(?P<pid>[0-9]+)-")
-    removed = []
     for entry in Path(parent).glob(glob.escape(prefix) + "*"):
         match = owned.match(entry.name)
         if match and match["host"] == _HOST and not _running(int(match["pid"])) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
 
 
 def _running(pid: int) -> bool:

@@ -2,7 +2,8 @@
 
 They are package data, read with importlib.resources, so an installed mvd-deploy (a wheel, no
 checkout) finds them by name: ``--model mobilevd``, ``--target xiaomi-14-pro``. A value that looks
-like a file (ends in .yaml/.yml, has a directory part, or is an existing file) is a path instead.
+like a file (ends in .yaml/.yml, has a directory part, or is an existing file; any Path object) is
+a path instead.
 """
 
 from __future__ import annotations
