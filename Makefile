@@ -20,7 +20,7 @@ test: setup
 
 # The whole chain on the embedded default, full size: a MobileVD checkpoint (random init) and the
 # paper's Table 8 stages on it → export (deploy passes, ONNX, validated against PyTorch) → compile
-# for ONNX Runtime CPU (fp32 and int8) → profile both (fp32 gated on device_profiles/ort-cpu.yaml,
+# for ONNX Runtime CPU (fp32 and int8) → profile both (fp32 gated on the ort-cpu profile,
 # whose latency budget is a share of this CPU's measured GEMM rate) → the phone path offline: the
 # TAESD decoder compiled for the Xiaomi 14 Pro's Snapdragon 8 Gen 3 NPU (w8a16, QNN HTP) and
 # checked on the HTP emulator, and the UNet split into its HTP parts → summary table → HTML report.
@@ -28,7 +28,7 @@ test: setup
 demo: setup
 	@echo "make demo: the full-size chain on this CPU, about 20 min on 2 cores (AVX-512; ~1.5x that on AVX2)." >&2
 	rm -rf $(DEMO)
-	$(BIN)/mvd-deploy init-checkpoint --model models/mobilevd.yaml --out $(DEMO)/mobilevd-ckpt --seed 0
+	$(BIN)/mvd-deploy init-checkpoint --model mobilevd --out $(DEMO)/mobilevd-ckpt --seed 0
 	$(BIN)/mvd-deploy inspect $(DEMO)/mobilevd-ckpt --stages
 	$(BIN)/mvd-deploy export $(DEMO)/mobilevd-ckpt --out $(DEMO)/build
 	$(BIN)/mvd-deploy compile $(DEMO)/build --target ort-cpu --int8 dynamic

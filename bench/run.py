@@ -37,11 +37,11 @@ def measure(args: list[str]) -> dict:
 def bench_inspect() -> list[dict]:
     rows = []
     for recipe in ("svd", "mobilevd", "mobilevd-hd"):
-        run = measure(["inspect", f"models/{recipe}.yaml", "--json"])
+        run = measure(["inspect", recipe, "--json"])
         report = json.loads(run["stdout"])
         rows.append(
             {
-                "case": f"inspect models/{recipe}.yaml",
+                "case": f"inspect {recipe}",
                 "wall_s": run["wall_s"],
                 "peak_rss_gb": round(run["peak_rss_bytes"] / 1e9, 2),
                 "params": report["params"],
@@ -55,11 +55,11 @@ def bench_inspect() -> list[dict]:
 def bench_stages() -> list[dict]:
     rows = []
     for recipe in ("mobilevd", "mobilevd-hd"):
-        run = measure(["inspect", f"models/{recipe}.yaml", "--stages", "--json"])
+        run = measure(["inspect", recipe, "--stages", "--json"])
         for row in json.loads(run["stdout"]):
             rows.append(
                 {
-                    "case": f"stages models/{recipe}.yaml",
+                    "case": f"stages {recipe}",
                     "stage": row["stage"],
                     "tflops": round(row["tflops"], 3),
                     "paper_tflops": row["paper_tflops"],
@@ -67,7 +67,7 @@ def bench_stages() -> list[dict]:
                     "params": row["params"],
                 }
             )
-        rows.append({"case": f"inspect --stages models/{recipe}.yaml", "wall_s": run["wall_s"]})
+        rows.append({"case": f"inspect --stages {recipe}", "wall_s": run["wall_s"]})
     return rows
 
 
@@ -79,7 +79,7 @@ def measure_chain() -> dict:
     work = Path(tempfile.mkdtemp(prefix="mvd-bench-"))
     ckpt, build = work / "mobilevd-ckpt", work / "build"
     try:
-        init = measure(["init-checkpoint", "--model", "models/mobilevd.yaml", "--out", str(ckpt), "--json"])
+        init = measure(["init-checkpoint", "--model", "mobilevd", "--out", str(ckpt), "--json"])
         weight_bytes = (ckpt / "unet.safetensors").stat().st_size
         passes = measure(["passes", str(ckpt), "--json"])
         export = measure(["export", str(ckpt), "--out", str(build), "--json"])
@@ -125,7 +125,7 @@ def summarize_chain(raw: dict) -> list[dict]:
     compiled = json.loads(compile_["stdout"])
     rows = []
     for case, run, goal_s, goal_ratio in (
-        ("init-checkpoint models/mobilevd.yaml", init, 120, 2.0),
+        ("init-checkpoint mobilevd", init, 120, 2.0),
         ("passes (all, each checked) on the mobilevd checkpoint", passes, 60, 1.3),
         ("export (passes, ONNX, simplify, check, validate; unet+decoder)", export, 90, 1.3),
         ("compile ort-cpu fp32 + int8-dynamic (each re-validated)", compile_, None, None),

@@ -6,14 +6,13 @@ import contextlib
 import hashlib
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mvd_deploy.errors import MvdError
-from mvd_deploy.fileio import load_json, write_json
+from mvd_deploy.fileio import load_json, owned_temp_dir, write_json
 
 MANIFEST = "build.json"
 BUILD_FORMAT = "mvd-deploy-build"
@@ -100,7 +99,7 @@ class Build:
         target.parent.mkdir(parents=True, exist_ok=True)
         old = None
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old = owned_temp_dir(target.parent, f".{target.name}.old-")
             os.replace(target, old / target.name)
         os.replace(staged, target)
         if old is not None:
@@ -108,8 +107,9 @@ class Build:
         return target
 
     def staging_dir(self, name: str) -> Path:
+        """A new directory in the build's ``.staging/``; what a killed run left there is removed first."""
         (self.path / ".staging").mkdir(exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.path / ".staging"))
+        return owned_temp_dir(self.path / ".staging", "", label=name)
 
     def record_files(self) -> dict[str, dict]:
         """sha256 and size of every file in the build (but build.json), into the manifest.

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 
 import click
 
 from mvd_deploy.errors import MvdError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how CI cancels a job), raised in the main thread like Ctrl-C's KeyboardInterrupt so
+    that every ``except BaseException``/``finally`` cleanup of staged output runs on the way out."""
+
+
+EXIT_TERMINATED = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
 def _user_errors(fn):
-    """Bad input → one line on stderr, exit code 2 (1 for a failed validation), no traceback."""
+    """Bad input → one line on stderr, exit code 2 (1 for a failed validation), no traceback.
+    SIGTERM → staged output removed, one line, exit code 143."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -21,8 +32,28 @@ def _user_errors(fn):
         except MvdError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except Terminated:
+            click.echo("error: interrupted by SIGTERM; unfinished output removed", err=True)
+            sys.exit(EXIT_TERMINATED)
 
     return wrapper
+
+
+def _terminate_on_sigterm() -> None:
+    """SIGTERM raises :class:`Terminated` for the rest of this command (the previous handler comes
+    back after it: the CLI may run inside another program, e.g. a test)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set signal handlers
+
+    def terminate(signum, frame):
+        # Once: a second SIGTERM must not cut short the cleanup the first one started.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    if previous is None:  # a handler set outside Python: nothing to restore it with
+        previous = signal.SIG_DFL
+    click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
 def _emit(result, as_json: bool, human) -> None:
@@ -33,10 +64,16 @@ def _emit(result, as_json: bool, human) -> None:
 @click.version_option(package_name="mvd-deploy")
 def main():
     """Take a MobileVD video diffusion checkpoint to the phone."""
+    _terminate_on_sigterm()
 
 
 @main.command("init-checkpoint")
-@click.option("--model", "recipe", required=True, type=click.Path(dir_okay=False), help="Model recipe (models/*.yaml).")
+@click.option(
+    "--model",
+    "recipe",
+    required=True,
+    help="Model recipe: a shipped model's name (mobilevd, svd, ...) or a path to a .yaml.",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to create.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random init.")
 @click.option(
@@ -68,7 +105,7 @@ def init_checkpoint_cmd(recipe, out, seed, from_svd, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (an object; a list of rows with --stages).")
 @_user_errors
 def inspect_cmd(target, stages, as_json):
-    """Parameters, shapes, temporal blocks and FLOPs of a recipe or checkpoint."""
+    """Parameters, shapes, temporal blocks and FLOPs of a checkpoint, a recipe file or a model name (mobilevd)."""
     from mvd_deploy.inspect import format_inspect, inspect_model, inspect_stages
     from mvd_deploy.stages import format_stage_table
 
@@ -155,8 +192,7 @@ def passes_cmd(checkpoint, passes, keep_conditioning_inputs, taesd_dir, decoder_
 @click.option(
     "--model",
     "recipe",
-    type=click.Path(dir_okay=False),
-    help="Recipe to deploy as (video size, steps, conditioning, passes); default: the checkpoint's own.",
+    help="Recipe (model name or path) to deploy as: video size, steps, conditioning, passes (default: the checkpoint).",
 )
 @click.option("--components", help="Comma-separated: unet,decoder (default: every component the passes make).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)

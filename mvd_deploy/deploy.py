@@ -35,11 +35,13 @@ def with_recipe(spec: ModelSpec, recipe: str | Path) -> ModelSpec:
     other = load_recipe(recipe)
     for key, value in other.unet.items():
         if key not in ("num_frames", "sample_size") and value != spec.unet[key]:
-            raise MvdError(f"{recipe}: key 'unet.{key}' is {value!r} but the checkpoint's UNet has {spec.unet[key]!r}")
+            raise MvdError(
+                f"{other.source}: key 'unet.{key}' is {value!r} but the checkpoint's UNet has {spec.unet[key]!r}"
+            )
     for key in _TRAINED_SETTINGS:
         if getattr(other.mobilevd, key) != getattr(spec.mobilevd, key):
             raise MvdError(
-                f"{recipe}: key 'mobilevd.{key}' is {getattr(other.mobilevd, key)!r} but the checkpoint was "
+                f"{other.source}: key 'mobilevd.{key}' is {getattr(other.mobilevd, key)!r} but the checkpoint was "
                 f"trained with {getattr(spec.mobilevd, key)!r}"
             )
     changes = {key: getattr(other.mobilevd, key) for key in _DEPLOYMENT_SETTINGS}

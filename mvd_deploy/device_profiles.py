@@ -1,4 +1,5 @@
-"""Device profiles (``device_profiles/*.yaml``): a compile/profile target and its budgets.
+"""Device profiles (``mvd_deploy/data/device_profiles/*.yaml``, or any path): a compile/profile
+target and its budgets.
 
 A profile names its backend (``qai-hub`` or ``ort-cpu``), how to pick the device, what to compile
 (runtime, precision, compute unit, extra options) and the budgets CI gates on (latency, peak memory,
@@ -8,14 +9,15 @@ PSNR per component, optionally a whole-pipeline latency).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import yaml
 
 from mvd_deploy.errors import MvdError
 from mvd_deploy.recipe import ConfigSection
+from mvd_deploy.shipped import DEVICE_PROFILES, resolve_yaml
 
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "device_profiles"
 BACKEND_NAMES = ("qai-hub", "ort-cpu")
 RUNTIMES = ("qnn_context_binary", "tflite", "onnx", "precompiled_qnn_onnx")
 HUB_PRECISIONS = ("float16", "w8a16")
@@ -99,8 +101,8 @@ def _read_budgets(s: ConfigSection) -> tuple[dict[str, Budget], float | None]:
     return budgets, total
 
 
-def load_device_profile(path: str | Path) -> DeviceProfile:
-    path = Path(path)
+def load_device_profile(path: str | Path | Traversable) -> DeviceProfile:
+    path = Path(path) if isinstance(path, str) else path
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as e:
@@ -154,12 +156,5 @@ def load_device_profile(path: str | Path) -> DeviceProfile:
 
 
 def resolve_target(target: str) -> DeviceProfile:
-    """A --target value: a profile name in device_profiles/, or a path to a profile YAML."""
-    candidate = Path(target)
-    if candidate.suffix in (".yaml", ".yml"):
-        return load_device_profile(candidate)
-    path = PROFILE_DIR / f"{target}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
-        raise MvdError(f"--target: unknown target {target!r}; known: {known} (or a path to a profile .yaml)")
-    return load_device_profile(path)
+    """A --target value: a shipped profile's name (``xiaomi-14-pro``), or a path to a profile YAML."""
+    return load_device_profile(resolve_yaml(target, DEVICE_PROFILES, "--target", "target", "profile"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import hashlib
 import platform
 import time
 from importlib import metadata
@@ -27,6 +28,7 @@ from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.fileio import atomic_output_dir, check_output_dir, write_json
 from mvd_deploy.onnx_tools import Float32IO, check_onnx, compare, describe_io, export_onnx, run_onnx, simplify_onnx
 from mvd_deploy.progress import Stages
+from mvd_deploy.recipe import recipe_file
 from mvd_deploy.stages import stage_table
 
 BUILD_VERSION = 1
@@ -109,7 +111,7 @@ def export_build(
         "conditioning": "inputs" if not pipeline.unet.conditioning_folded else "folded",
         "video": info.spec.mobilevd.video.__dict__,
         "checkpoint_sha256": {f: sha256_file(Path(checkpoint) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)},
-        "recipe_sha256": sha256_file(Path(recipe)) if recipe else None,
+        "recipe_sha256": hashlib.sha256(recipe_file(recipe).read_bytes()).hexdigest() if recipe else None,
         "stages": stage_table(info.spec),
         "passes": [r.to_dict() for r in pass_results],
         "components": {},

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +26,7 @@ def atomic_output_dir(out: Path, option: str = "--out") -> Iterator[Path]:
     """
     out = check_output_dir(out, option)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        tmp = owned_temp_dir(out.parent, f".{out.name}.partial-")
     except OSError as e:
         raise MvdError(f"{option} {out}: cannot write there ({e.strerror or e})") from None
     try:
@@ -35,6 +38,40 @@ def atomic_output_dir(out: Path, option: str = "--out") -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# Temporary directories carry their owner (host and pid) in their name: a run killed outright
+# (SIGKILL, the OOM killer, a lost machine) cannot clean up, so the next run writing the same output
+# removes what such a run left, and only that: never a live process's, nor another host's (a shared
+# filesystem), nor a directory named otherwise.
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
+
+
+def owned_temp_dir(parent: Path, prefix: str, label: str = "") -> Path:
+    """A new private directory in ``parent`` named ``<prefix><host>-<pid>-[<label>-]<random>``, after
+    removing the ones with that prefix whose owner process is gone (:func:`remove_stale`)."""
+    remove_stale(parent, prefix)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{_HOST}-{os.getpid()}-{label + '-' if label else ''}", dir=parent))
+
+
+def remove_stale(parent: Path, prefix: str) -> None:
+    """Remove the directories that :func:`owned_temp_dir` made in ``parent`` with ``prefix`` for a
+    process of this host that no longer runs."""
+    owned = re.compile(re.escape(prefix) + r"(?P<host>[A-Za-z0-9._]+)-(?P<pid>[0-9]+)-")
+    for entry in Path(parent).glob(glob.escape(prefix) + "*"):
+        match = owned.match(entry.name)
+        if match and match["host"] == _HOST and not _running(int(match["pid"])) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: checks that the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; not a pid: keep the directory
+        return True
+    return True
 
 
 def check_output_dir(out: Path, option: str = "--out") -> Path:

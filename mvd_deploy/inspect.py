@@ -15,6 +15,7 @@ from mvd_deploy.flops import count_model_flops, with_resolved_gates
 from mvd_deploy.model.funnel import FunnelLinear
 from mvd_deploy.model.unet import MobileVDUNet
 from mvd_deploy.recipe import VAE_SCALE_FACTOR, load_recipe
+from mvd_deploy.shipped import MODELS, looks_like_path, shipped_file, shipped_names
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -32,26 +33,29 @@ def _temporal_gate(name: str, gates) -> str | None:
     return None
 
 
-def _read_target(target: Path):
-    """(spec with gates, kind, dtype, checkpoint info or None) of a recipe file or checkpoint directory."""
-    if target.is_dir():
-        info = read_checkpoint_info(target)
+def _read_target(target: str | Path):
+    """(spec with gates, kind, dtype, checkpoint info or None) of a checkpoint directory, a recipe file
+    or a shipped model's name."""
+    if Path(target).is_dir():
+        info = read_checkpoint_info(Path(target))
         return info.spec, "checkpoint", info.dtype, info
-    if target.is_file():
+    if Path(target).is_file() or (not looks_like_path(target) and shipped_file(MODELS, str(target))):
         return with_resolved_gates(load_recipe(target)), "recipe", "float32", None
-    raise MvdError(f"{target}: no such recipe file or checkpoint directory")
+    if looks_like_path(target):
+        raise MvdError(f"{target}: no such recipe file or checkpoint directory")
+    known = ", ".join(shipped_names(MODELS))
+    raise MvdError(f"{target}: no such recipe file or checkpoint directory, nor a model name (known: {known})")
 
 
 def inspect_stages(target: str | Path) -> list[dict]:
     """The paper's Table 8 stages for a recipe or checkpoint (its own gates, funnels, multiscaling)."""
     from mvd_deploy.stages import stage_table
 
-    spec, *_ = _read_target(Path(target))
+    spec, *_ = _read_target(target)
     return stage_table(spec)
 
 
 def inspect_model(target: str | Path) -> dict:
-    target = Path(target)
     spec, kind, dtype, info = _read_target(target)
 
     model = MobileVDUNet.build(spec, device="meta")

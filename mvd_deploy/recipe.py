@@ -1,4 +1,5 @@
-"""Model recipes (YAML in ``models/``) and the ``mobilevd`` section of a checkpoint's config.json.
+"""Model recipes (``mvd_deploy/data/models/*.yaml``, or any path) and the ``mobilevd`` section of a
+checkpoint's config.json.
 
 A recipe and a checkpoint describe the same thing, a :class:`ModelSpec`: the diffusers
 ``UNetSpatioTemporalConditionModel`` config plus the MobileVD settings. A recipe says how to prune
@@ -11,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mvd_deploy.errors import MvdError
+from mvd_deploy.shipped import MODELS, resolve_yaml
 
 FUNNEL_LAYER_KINDS = ("spatial_self_attention", "temporal_self_attention")
 TEMPORAL_BLOCK_KINDS = ("resnet", "transformer")
@@ -288,8 +291,13 @@ def spec_from_dict(data: Any, source: str, allow_gates: bool = True) -> ModelSpe
     return spec
 
 
-def load_recipe(path: str | Path) -> ModelSpec:
-    path = Path(path)
+def recipe_file(recipe: str | Path, option: str = "--model") -> Path | Traversable:
+    """A recipe value: a shipped model's name (``mobilevd``) or a path to a recipe YAML."""
+    return resolve_yaml(recipe, MODELS, option, "model", "recipe")
+
+
+def load_recipe(recipe: str | Path, option: str = "--model") -> ModelSpec:
+    path = recipe_file(recipe, option)
     try:
         text = path.read_text()
     except OSError as e:

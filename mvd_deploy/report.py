@@ -6,12 +6,11 @@ from __future__ import annotations
 import html
 import os
 import shutil
-import tempfile
 import textwrap
 from pathlib import Path
 
 from mvd_deploy.build import Build, summary_rows
-from mvd_deploy.fileio import load_json
+from mvd_deploy.fileio import load_json, owned_temp_dir
 
 
 def _plt():
@@ -101,7 +100,7 @@ def write_report(build_dir: str | Path, out: str | Path | None = None) -> dict:
         else []
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = owned_temp_dir(out.parent, f".{out.name}.partial-")
     try:
         images, sections = [], []
         m = build.manifest
@@ -191,7 +190,7 @@ def write_report(build_dir: str | Path, out: str | Path | None = None) -> dict:
         )
         (tmp / "index.html").write_text(page)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = owned_temp_dir(out.parent, f".{out.name}.old-")
             os.replace(out, old / out.name)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, out)
