@@ -45,18 +45,21 @@ class Cut:
     crossing_bytes: int  # activation bytes handed from the parts before to the parts after
 
 
-def graph_feeds(graphs, feed: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+def graph_feeds(graphs, feed: dict[str, np.ndarray], sessions: dict | None = None) -> list[dict[str, np.ndarray]]:
     """Each graph's input feed when the graphs run in order on the component input ``feed``
-    (ONNX Runtime CPU, the exported fp32 graphs); a single whole graph gets ``feed`` itself."""
+    (ONNX Runtime CPU, the exported fp32 graphs); a single whole graph gets ``feed`` itself.
+    ``sessions`` (graph name → session) keeps the sessions open across calls (calibration draws
+    ~100 samples); without it each call opens and frees its own."""
+    sessions = {} if sessions is None else sessions
     available = dict(feed)
     feeds = []
     for index, graph in enumerate(graphs):
         feeds.append({spec["name"]: available[spec["name"]] for spec in graph.inputs})
         if index < len(graphs) - 1:
-            session = ort_session(graph.onnx, arena=False)
+            if graph.name not in sessions:
+                sessions[graph.name] = ort_session(graph.onnx, arena=False)
             names = [o["name"] for o in graph.outputs]
-            available.update(zip(names, session.run(names, feeds[-1]), strict=True))
-            del session
+            available.update(zip(names, sessions[graph.name].run(names, feeds[-1]), strict=True))
     return feeds
 
 

@@ -433,7 +433,8 @@ class QaiHubBackend(Backend):
             if graph.component not in calibration:  # every graph of a component from the same samples
                 with local_step(f"calibration inputs for {graph.component}"):
                     feeds = pipeline_inputs(build, graph.component, samples, seed=CALIBRATION_SEED)
-                    per_graph = [graph_feeds(build.graphs(graph.component), feed) for feed in feeds]
+                    sessions: dict = {}
+                    per_graph = [graph_feeds(build.graphs(graph.component), feed, sessions) for feed in feeds]
                 calibration[graph.component] = {
                     g.name: {name: [sample[i][name] for sample in per_graph] for name in per_graph[0][i]}
                     for i, g in enumerate(build.graphs(graph.component))

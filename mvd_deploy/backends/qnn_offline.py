@@ -36,7 +36,7 @@ from mvd_deploy.build import Build
 from mvd_deploy.device_profiles import HUB_PRECISIONS
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.onnx_tools import compare, describe_io, ort_session
-from mvd_deploy.parts import split_for_targets
+from mvd_deploy.parts import graph_feeds, split_for_targets
 from mvd_deploy.progress import Stages
 
 QNN_EP = "QNNExecutionProvider"
@@ -238,25 +238,6 @@ def read_compiled(path: Path, chipset, where: str) -> dict:
 def calibration_stride(samples: int) -> int:
     """The largest divisor of ``samples`` up to CALIBRATION_STRIDE (ORT requires an exact division)."""
     return max(d for d in range(1, min(samples, CALIBRATION_STRIDE) + 1) if samples % d == 0)
-
-
-class _ExportedParts:
-    """The exported fp32 graphs of a component on ONNX Runtime CPU, each session opened once: a later
-    part is calibrated on what the earlier parts produce (parts.graph_feeds' rule, without reopening
-    every earlier part for each of the ~100 samples)."""
-
-    def __init__(self, graphs):
-        self.graphs, self.sessions = graphs, {}
-
-    def feed(self, index: int, component_feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        available = dict(component_feed)
-        for graph in self.graphs[:index]:
-            if graph.name not in self.sessions:
-                self.sessions[graph.name] = ort_session(graph.onnx, arena=False)
-            names = [o["name"] for o in graph.outputs]
-            feed = {spec["name"]: available[spec["name"]] for spec in graph.inputs}
-            available.update(zip(names, self.sessions[graph.name].run(names, feed), strict=True))
-        return {spec["name"]: available[spec["name"]] for spec in self.graphs[index].inputs}
 
 
 def _calibration_reader(samples: list, feed):
@@ -537,7 +518,7 @@ class QnnOfflineBackend(Backend):
         chipset = target.chipset
         entries = []
         weights = htp.check_fits(graphs, precision, target.context_limit_mb, f"{target.name} ({target.source})")
-        samples, exported = [], _ExportedParts(graphs)
+        samples, sessions = [], {}  # the exported parts before each part, opened once for all samples
         for index, graph in enumerate(graphs):
             source = graph.onnx
             if precision == "w8a16":
@@ -546,7 +527,9 @@ class QnnOfflineBackend(Backend):
                     n = target.calibration_samples
                     with stages.stage(f"{graph.name}: w8a16 QDQ, {n} calibration samples"):
                         samples = samples or pipeline_inputs(build, component, n, seed=CALIBRATION_SEED)
-                        reader = _calibration_reader(samples, lambda s, i=index: exported.feed(i, s))
+                        reader = _calibration_reader(
+                            samples, lambda s, i=index: graph_feeds(graphs[: i + 1], s, sessions)[i]
+                        )
                         quantize_w8a16(graph.onnx, source, reader, work)
             out = staged / f"{graph.name}.onnx"
             where = f"{graph.name} ({target.name} {offline_form(precision)})"
@@ -570,7 +553,7 @@ class QnnOfflineBackend(Backend):
             }
             _check_context_size(entry, target)
             entries.append(entry)
-        exported.sessions.clear()
+        sessions.clear()
         return {"graphs": entries}
 
     # -- profile ---------------------------------------------------------------------------------------
