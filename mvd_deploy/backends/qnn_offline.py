@@ -296,6 +296,9 @@ def quantize_w8a16(source: Path, out: Path, reader, work: Path) -> None:
             all_tensors_to_one_file=True,
             external_data_location=external["location"],
         ):  # nothing to fuse: the same model, written beside its weights for the opset conversion
+            # (reloaded: qnn_preprocess_model leaves ``model`` pointing at weights in its deleted temp dir)
+            model = onnx.load(str(source))
+            del model.metadata_props[:]
             onnx.save(model, str(preprocessed), save_as_external_data=True, **external)
         del model
         source = _opset_for_16bit(preprocessed, work / f"{out.stem}.pre21.onnx")
