@@ -93,13 +93,8 @@ def measure_chain() -> dict:
             for form in ("fp32", "int8-dynamic")
         }
         eager = run_python(["bench/eager.py", str(ckpt), "3"])
-        # The phone path offline (Snapdragon 8 Gen 3 NPU, QNN HTP): the UNet split into its HTP parts,
-        # each w8a16 (QDQ calibrated on a few pipeline inputs: each costs full-size forwards here)
-        # and compiled; the emulated check is left out (hours at ~2 GFLOP/s on this CPU).
-        npu = measure(
-            ["compile", str(build), "--target", "xiaomi-14-pro", "--offline"]
-            + ["--calibration-samples", "4", "--no-emulate", "--json"]
-        )
+        # The phone path offline (Snapdragon 8 Gen 3 NPU, QNN HTP): the UNet in its HTP parts, one compiled.
+        npu = run_python(["bench/npu.py", str(build)])
         manifest = json.loads((build / "build.json").read_text())
         raw = {
             "weight_bytes": weight_bytes,
@@ -198,27 +193,25 @@ def summarize_chain(raw: dict) -> list[dict]:
 
 
 def summarize_npu(npu: dict) -> list[dict]:
-    """Offline w8a16 compile for SM8650: per graph (UNet parts, decoder) compile time and context size."""
-    [record] = json.loads(npu["stdout"]).values()
+    """The full-size UNet split for the Snapdragon 8 Gen 3 (w8a16 parts) and its first part compiled (float16)."""
+    first = npu["float16_first_part"]
     rows = [
         {
-            "case": f"offline QNN HTP compile {record['target']} {record['form']} (all graphs)",
-            "wall_s": npu["wall_s"],
+            "case": "split the UNet into xiaomi-14-pro w8a16 parts (chained vs whole, ORT CPU fp32)",
+            "wall_s": npu["split_s"],
+            "parts": len(npu["parts"]),
+            "psnr_db": npu["chain_psnr_db"],
+            "weight_elements": [p["weight_elements"] for p in npu["parts"]],
+            "crossing_mb": [round(p["crossing_bytes"] / 2**20, 1) for p in npu["parts"]],
+        },
+        {
+            "case": f"offline QNN HTP compile for SM8650, float16: {first['name']}",
+            "wall_s": first["compile_s"],
+            "context_mb": round(first["context_bytes"] / 2**20, 1),
             "peak_rss_gb": round(npu["peak_rss_bytes"] / 1e9, 2),
-            "goal": "whole UNet <= 15 min, peak < 20 GB",
-        }
+            "goal": "each context < 1 GiB, peak < 20 GB",
+        },
     ]
-    for component in record["components"].values():
-        for graph in component["graphs"]:
-            rows.append(
-                {
-                    "case": f"  {graph['name']} ({record['chipset']['name']}, {record['precision']})",
-                    "compile_s": graph["compile_s"],
-                    "context_mb": round(graph["context_bytes"] / 2**20, 1),
-                    "weights_mb": round(graph["weight_bytes"] / 2**20, 1),
-                    "goal": "context < 1024 MB",
-                }
-            )
     return rows
 
 
