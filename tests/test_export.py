@@ -136,7 +136,7 @@ def test_simplify_never_loads_the_weights_and_keeps_outputs(tiny_build, tmp_path
 @pytest.mark.parametrize("int8", ["dynamic", "static"])
 def test_int8_compile_reports_its_psnr_honestly(tiny_build, tmp_path, int8):
     """What compile promises, whatever figure this CPU's int8 kernels give: the PSNR it records is the
-    PSNR of what it wrote; a threshold under it writes the form, one over it refuses it."""
+    PSNR of what it wrote; a threshold under it (0 dB) writes the form, one far over it refuses it."""
     build = Build(_copy_build(tiny_build, tmp_path))
     form = f"int8-{int8}"
     # No threshold: the measured figure decides nothing here (it moves with the CPU's int8 kernels).
@@ -160,16 +160,9 @@ def test_int8_compile_reports_its_psnr_honestly(tiny_build, tmp_path, int8):
     assert manifest["compiled"][f"ort-cpu/{form}"] == records[f"ort-cpu/{form}"]
     assert not (build.path / ".staging").exists()
 
-    # Thresholds on either side of every measured figure, far from them: written, then refused.
-    figures = [c["validation"]["psnr_db"] for c in records[f"ort-cpu/{form}"]["components"].values()]
-    shutil.rmtree(build.path / "compiled" / "ort-cpu" / form)
-    get_backend("ort-cpu").compile(
-        build,
-        [resolve_target("ort-cpu")],
-        CompileOptions(int8=int8, calibration_samples=2, min_psnr_db=min(figures) - 20),
-        quiet=True,
-    )
-    assert compiled.is_file()
+    if int8 == "static":
+        return  # the threshold logic below is the same for both forms; static calibration is the slow one
+    # A threshold far above the measured figure refuses the form and writes nothing of it.
     shutil.rmtree(build.path / "compiled" / "ort-cpu" / form)
     with pytest.raises(ValidationFailed, match=rf"unet \(ort-cpu {form}\): .* dB PSNR against the exported model"):
         get_backend("ort-cpu").compile(
