@@ -6,41 +6,26 @@ python bench/eager.py CHECKPOINT RUNS  → one JSON object on stdout
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 import torch
 
+from mvd_deploy.backends.ort_cpu import gemm_gflops as ort_gemm_gflops
 from mvd_deploy.deploy import deploy
 
 
 def gemm_gflops(n: int = 4096, repeats: int = 5) -> dict[str, float]:
     """fp32 GEMM rate of this CPU through PyTorch (MKL) and ONNX Runtime (MLAS): their peak is the
     reference (MKL takes slower paths on AMD CPUs, so one library alone can understate the CPU)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, b)
     torch_rate = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])],
-        "gemm",
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    feed = {"a": a.numpy(), "b": b.numpy()}
-    session.run(None, feed)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        session.run(None, feed)
-    ort_rate = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+    ort_rate = ort_gemm_gflops(os.cpu_count(), n=n, repeats=repeats)
     return {"torch_mkl": torch_rate, "onnxruntime_mlas": ort_rate, "peak": max(torch_rate, ort_rate)}
 
 

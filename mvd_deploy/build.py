@@ -77,6 +77,14 @@ class Build:
             for entry in entries
         ]
 
+    def compiled(self, key: str, how: str = "mvd-deploy compile") -> dict:
+        """The compiled record ``key`` ("<target>/<form>"), or a one-line error saying how to make it."""
+        record = self.manifest.get("compiled", {}).get(key)
+        if record is None:
+            known = ", ".join(self.manifest.get("compiled", {})) or "none"
+            raise MvdError(f"{self.path}: no compiled form {key!r} (compiled: {known}); run `{how}` first")
+        return record
+
     def random_inputs(self, component: str, seed: int) -> dict[str, np.ndarray]:
         """Fixed random float32 inputs of the component's static shapes."""
         rng = np.random.default_rng(seed)

@@ -202,12 +202,7 @@ class OrtCpuBackend(Backend):
 
     def _profile_form(self, build: Build, form: str, runs: int, quiet: bool) -> dict:
         key = f"{self.name}/{form}"
-        record = build.manifest.get("compiled", {}).get(key)
-        if record is None:
-            known = ", ".join(build.manifest.get("compiled", {})) or "none"
-            raise MvdError(
-                f"{build.path}: no compiled form {key!r} (compiled: {known}); run `mvd-deploy compile` first"
-            )
+        record = build.compiled(key)
         threads = int(os.environ.get("MVD_ORT_THREADS", "0")) or os.cpu_count()
         # Measured in the same run as the model, so efficiency budgets compare like with like.
         device = {"name": cpu_name(), "threads": threads, "gemm_gflops": round(gemm_gflops(threads), 1)}

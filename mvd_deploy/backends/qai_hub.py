@@ -541,9 +541,7 @@ class QaiHubBackend(Backend):
             with stages.stage("submit inference jobs (profile + outputs)"):
                 for target in targets:
                     key = f"{target.name}/{form or target.form}"
-                    record = build.manifest.get("compiled", {}).get(key)
-                    if record is None:
-                        raise MvdError(f"{build.path}: no compiled form {key!r}; run `mvd-deploy compile` first")
+                    record = build.compiled(key)
                     records[target.name] = record
                     device = hub.Device(record["device"]["name"], record["device"]["os"])
                     for component, compiled in record["components"].items():

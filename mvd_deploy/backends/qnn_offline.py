@@ -605,13 +605,7 @@ class QnnOfflineBackend(Backend):
             chipset = require_chipset(target)
             precision = self.precision(target, form)
             key = f"{target.name}/{offline_form(precision)}"
-            record = build.manifest.get("compiled", {}).get(key)
-            if record is None:
-                known = ", ".join(build.manifest.get("compiled", {})) or "none"
-                raise MvdError(
-                    f"{build.path}: no compiled form {key!r} (compiled: {known}); "
-                    "run `mvd-deploy compile --offline` first"
-                )
+            record = build.compiled(key, "mvd-deploy compile --offline")
             device = {
                 "name": f"QNN HTP emulator for {chipset.name} (v{chipset.htp_arch}) on {cpu_name()}",
                 "chipset": record["chipset"],
