@@ -23,6 +23,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_round_trip_gives_identical_outputs(tmp_path):
     spec = tiny_spec()
@@ -59,6 +60,7 @@ def _svd_dir(tmp_path: Path) -> Path:
     return tmp_path / "svd-unet"
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_from_svd_full_width_reproduces_diffusers(tmp_path):
     svd = _svd_dir(tmp_path)
@@ -77,6 +79,7 @@ def test_from_svd_full_width_reproduces_diffusers(tmp_path):
     assert relative_error(model(**inputs), reference(**inputs, return_dict=False)[0]) <= 1e-5
 
 
+@pytest.mark.slow
 def test_from_svd_with_another_architecture_names_the_key(tmp_path):
     svd = _svd_dir(tmp_path)
     config = json.loads((svd / "config.json").read_text())
@@ -87,6 +90,7 @@ def test_from_svd_with_another_architecture_names_the_key(tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
+@pytest.mark.slow
 def test_from_svd_refuses_pickled_weights(tmp_path):
     svd = _svd_dir(tmp_path)
     (svd / "diffusion_pytorch_model.safetensors").rename(svd / "diffusion_pytorch_model.bin")
@@ -174,6 +178,7 @@ def test_bad_checkpoint_is_one_line_exit_2(tmp_path, tiny_checkpoint, case):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_real_process_exit_code_and_no_traceback(tmp_path):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / CONFIG_FILE).write_text("[1,")

@@ -3,6 +3,7 @@
 import json
 import re
 
+import pytest
 from click.testing import CliRunner
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -13,6 +14,7 @@ from mvd_deploy.inspect import inspect_model
 from mvd_deploy.model.unet import MobileVDUNet
 
 
+@pytest.mark.slow
 def test_meta_count_equals_count_on_real_tensors():
     """The meta-device count is what real CPU tensors give under the (counted) math attention kernel."""
     spec = tiny_spec()
@@ -23,6 +25,7 @@ def test_meta_count_equals_count_on_real_tensors():
     assert meta.total == real.total > 0
 
 
+@pytest.mark.slow
 def test_each_optimisation_lowers_the_count():
     plain = tiny_spec(funnel_layers=(), temporal_multiscaling=False, temporal_prune_fraction=0.0)
     multiscaled = tiny_spec(funnel_layers=(), temporal_multiscaling=True, temporal_prune_fraction=0.0)
@@ -31,6 +34,7 @@ def test_each_optimisation_lowers_the_count():
     assert counts[0] > counts[1] > counts[2]
 
 
+@pytest.mark.slow
 def test_cheapest_first_prunes_the_27_cheapest_of_38():
     spec = tiny_spec()
     gates = spec.mobilevd.temporal_gates
@@ -46,6 +50,7 @@ def test_cheapest_first_prunes_the_27_cheapest_of_38():
     assert gates[name].importance == per_module[name] / 1e9
 
 
+@pytest.mark.slow
 def test_pruned_blocks_cost_nothing():
     spec = tiny_spec()
     per_module = count_model_flops(MobileVDUNet.build(spec, device="meta")).per_module
@@ -53,6 +58,7 @@ def test_pruned_blocks_cost_nothing():
         assert (per_module.get(name, 0) > 0) == gate.keep, name
 
 
+@pytest.mark.slow
 def test_inspect_recipe_json():
     result = CliRunner().invoke(main, ["inspect", str(TINY), "--json"])
     assert result.exit_code == 0, result.output
@@ -74,6 +80,7 @@ def test_inspect_checkpoint_matches_recipe(tiny_checkpoint):
     assert from_checkpoint["kind"] == "checkpoint"
 
 
+@pytest.mark.slow
 def test_inspect_human_output():
     result = CliRunner().invoke(main, ["inspect", str(TINY)])
     assert result.exit_code == 0

@@ -81,6 +81,7 @@ def test_unknown_names_list_the_known_ones(tmp_path, monkeypatch, args, message)
     assert not (tmp_path / "ck").exists()
 
 
+@pytest.mark.slow
 def test_inspect_by_name_matches_inspect_by_path():
     by_name = CliRunner().invoke(main, ["inspect", "tiny", "--json"])
     by_path = CliRunner().invoke(main, ["inspect", str(ROOT / "models" / "tiny.yaml"), "--json"])
