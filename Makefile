@@ -24,7 +24,8 @@ test: setup
 # latency budget is a share of this CPU's measured GEMM rate) → summary table → HTML report.
 # Then the phone path offline, on the tiny recipe (full-size w8a16 calibration does not fit this
 # machine yet: see docs/qnn-offline.md): every graph compiled for the Xiaomi 14 Pro's Snapdragon
-# 8 Gen 3 NPU (w8a16, QNN HTP, CPU fallback off), the decoder checked on the HTP emulator, gated.
+# 8 Gen 3 NPU (w8a16, QNN HTP, CPU fallback off), the decoder checked on the HTP emulator (the
+# tiny w8a16 UNet emulates in ~10 min: `profile ... --offline --emulate --gate` checks and gates it).
 demo: setup
 	@echo "make demo: the full-size chain on this CPU, about 25 min on 2 cores (AVX-512; longer on AVX2)." >&2
 	rm -rf $(DEMO)
@@ -39,7 +40,7 @@ demo: setup
 	$(BIN)/mvd-deploy init-checkpoint --model tiny --out $(DEMO)/tiny-ckpt --seed 0
 	$(BIN)/mvd-deploy export $(DEMO)/tiny-ckpt --out $(DEMO)/phone
 	$(BIN)/mvd-deploy compile $(DEMO)/phone --target xiaomi-14-pro --offline --calibration-samples 8
-	$(BIN)/mvd-deploy profile $(DEMO)/phone --target xiaomi-14-pro --offline --gate
+	$(BIN)/mvd-deploy profile $(DEMO)/phone --target xiaomi-14-pro --offline
 	$(BIN)/mvd-deploy summary $(DEMO)/phone
 
 bench: setup
