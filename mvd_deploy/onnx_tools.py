@@ -50,6 +50,20 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def quiet_ort_quantizer():
+    """ONNX Runtime's quantizer logs advice (run its pre-processing, opset updates) with module-level
+    ``logging.warning``, i.e. on the root logger. Records at WARNING and below are held back for the
+    call with ``logging.disable`` and the previous setting restored; the root logger's level and
+    handlers are not touched."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_name: str, path: Path) -> None:
     """torch.onnx.export(dynamo=True) at opset 18, static shapes, weights in one ``<stem>.data`` file."""
     import onnx_ir

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import ROOT
-from mvd_deploy.backends import QnnOfflineBackend, group_targets
+from mvd_deploy.backends import QnnOfflineBackend, group_targets, qnn_offline
 from mvd_deploy.backends.base import CompileOptions
 from mvd_deploy.build import Build, sha256_file
 from mvd_deploy.cli import main
@@ -361,3 +361,33 @@ def test_targets_of_one_soc_share_the_compiled_graphs(micro, tmp_path):
     for graph in xiaomi["components"]["unet"]["graphs"]:
         for name in (graph["file"], graph["context_binary"]):
             assert files[f"{galaxy['directory']}/{name}"]["sha256"] == files[f"{xiaomi['directory']}/{name}"]["sha256"]
+
+
+def test_bounded_calibration_gives_ort_calibrators_ranges(micro, tmp_path):
+    """calibrate_min_max (priority-ordered session, ranges folded per sample) writes exactly the ranges
+    of ORT's own MinMax calibrator run on all samples at once."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    source = micro.path / "unet.onnx"
+    rng = np.random.default_rng(3)
+    samples = [
+        {
+            "sample": rng.standard_normal((1, 2, 4, 4, 4), np.float32) * (i + 1),
+            "encoder_hidden_states": rng.standard_normal((1, 1, 8), np.float32),
+        }
+        for i in range(5)
+    ]
+    reader = qnn_offline._calibration_reader(samples, lambda s: s)
+    config = get_qnn_qdq_config(str(source), reader, activation_type=QuantType.QUInt16, weight_type=QuantType.QUInt8)
+    ours = load_tensors_data(qnn_offline.calibrate_min_max(source, reader, tmp_path / "ranges.json", config=config))
+
+    theirs = create_calibrator(source, config.op_types_to_quantize, augmented_model_path=str(tmp_path / "aug.onnx"))
+    reader.set_range(0, len(samples))
+    theirs.collect_data(reader)
+    expected = theirs.compute_data()
+    assert set(ours.data) == set(expected.data) >= {"sample", "x", "h", "hc", "y", "model_output"}
+    for name, tensor in expected.data.items():
+        assert np.array_equal(ours.data[name].range_value, tensor.range_value), name
+    assert not list(tmp_path.glob("ranges.augmented*"))  # the augmented model is not left behind

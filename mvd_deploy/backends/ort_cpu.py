@@ -31,7 +31,7 @@ from mvd_deploy.backends.base import (
 )
 from mvd_deploy.build import Build
 from mvd_deploy.errors import MvdError, ValidationFailed
-from mvd_deploy.onnx_tools import compare, ort_session
+from mvd_deploy.onnx_tools import compare, ort_session, quiet_ort_quantizer
 from mvd_deploy.progress import Stages
 
 VALIDATION_SEED = 1
@@ -253,20 +253,18 @@ def _op_counts(path: Path) -> dict[str, int]:
 
 
 def _quantize(build: Build, name: str, form: str, source: Path, out: Path, options: CompileOptions) -> None:
-    import logging
-
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
 
-    logging.getLogger().setLevel(logging.ERROR)  # quantize_* log advice on the root logger
     if form == "int8-dynamic":
         # MatMul/Gemm weights only: ORT's dynamic ConvInteger path is slower than fp32 convolution on CPU.
-        quantize_dynamic(
-            source,
-            out,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            weight_type=QuantType.QInt8,
-            use_external_data_format=True,
-        )
+        with quiet_ort_quantizer():
+            quantize_dynamic(
+                source,
+                out,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                weight_type=QuantType.QInt8,
+                use_external_data_format=True,
+            )
         return
 
     class Reader(CalibrationDataReader):
@@ -277,15 +275,16 @@ def _quantize(build: Build, name: str, form: str, source: Path, out: Path, optio
         def get_next(self):
             return next(self.samples, None)
 
-    quantize_static(
-        source,
-        out,
-        Reader(),
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        use_external_data_format=True,
-    )
+    with quiet_ort_quantizer():
+        quantize_static(
+            source,
+            out,
+            Reader(),
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            use_external_data_format=True,
+        )
 
 
 def _profile_in_worker(build: Build, component: str, model: Path, runs: int, threads: int, quiet: bool) -> dict:

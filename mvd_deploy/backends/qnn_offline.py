@@ -35,7 +35,7 @@ from mvd_deploy.backends.ort_cpu import VALIDATION_SEED, conditioning_sensitivit
 from mvd_deploy.build import Build
 from mvd_deploy.device_profiles import HUB_PRECISIONS
 from mvd_deploy.errors import MvdError, ValidationFailed
-from mvd_deploy.onnx_tools import compare, describe_io, ort_session
+from mvd_deploy.onnx_tools import compare, describe_io, ort_session, quiet_ort_quantizer
 from mvd_deploy.parts import graph_feeds, split_for_targets
 from mvd_deploy.progress import Stages
 
@@ -51,7 +51,6 @@ EMULATOR_S_PER_NODE = 0.03
 EMULATOR_SLOWDOWN = {"float16": 1.0, "w8a16": 5.0}
 QUICK_EMULATION_S = 300.0  # the emulated check runs by default when its estimate is under this (tiny recipe)
 CALIBRATION_SEED = 7  # the same pipeline draw as AI Hub's quantize job
-CALIBRATION_STRIDE = 8  # fold calibration min/max into running ranges every (at most) this many samples
 NO_PHONE_TIMING = (
     "not measured: the QNN HTP emulator runs on this CPU and gives no phone timing "
     "(profile on a phone with the qai-hub backend)"
@@ -235,17 +234,12 @@ def read_compiled(path: Path, chipset, where: str) -> dict:
 
 
 # -- w8a16 ---------------------------------------------------------------------------------------------
-def calibration_stride(samples: int) -> int:
-    """The largest divisor of ``samples`` up to CALIBRATION_STRIDE (ORT requires an exact division)."""
-    return max(d for d in range(1, min(samples, CALIBRATION_STRIDE) + 1) if samples % d == 0)
-
-
 def _calibration_reader(samples: list, feed):
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
-        """Makes each sample's feed when asked (at most one in memory); ``set_range`` serves ORT's
-        strided calibration."""
+        """Makes each sample's feed when asked (at most one in memory); ``set_range`` picks the samples
+        of one ``collect_data`` call."""
 
         def __init__(self):
             self.set_range(0, len(samples))
@@ -266,36 +260,28 @@ def _calibration_reader(samples: list, feed):
 
 
 def quantize_w8a16(source: Path, out: Path, reader, work: Path) -> None:
-    """ONNX Runtime's QNN QDQ recipe: qnn_preprocess_model, then uint16 activations / uint8 weights.
-
-    Calibration memory is bounded: ORT's MinMax calibrator keeps per sample only the ReduceMin /
-    ReduceMax of each tensor (two numbers per tensor, not the tensors), and with CalibStridedMinMax it
-    folds those into running ranges every ``stride`` samples; the reader makes one sample's feed at a
-    time. (CalibMaxIntermediateOutputs is no use: in ORT 1.32 it clears the collected values without
-    folding them in, microsoft/onnxruntime#18893.)
-    """
-    import logging
-
+    """ONNX Runtime's QNN QDQ recipe: qnn_preprocess_model, then uint16 activations / uint8 weights,
+    MinMax-calibrated with bounded memory (``calibrate_min_max``) and quantised from ORT's calibration
+    cache."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization import QuantType, quantize_static
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer logs advice (opset, pre-processing) on the root logger
     try:
         model = onnx.load(str(source))
         # qnn_preprocess_model (ORT 1.32) fails on a model with metadata_props (onnxsim writes some)
         del model.metadata_props[:]
         preprocessed = work / f"{out.stem}.pre.onnx"
         external = {"all_tensors_to_one_file": True, "location": f"{preprocessed.stem}.data"}
-        if not qnn_preprocess_model(
-            model,
-            preprocessed,
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            external_data_location=external["location"],
-        ):  # nothing to fuse: the same model, written beside its weights for the opset conversion
+        with quiet_ort_quantizer():
+            fused = qnn_preprocess_model(
+                model,
+                preprocessed,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                external_data_location=external["location"],
+            )
+        if not fused:  # nothing to fuse: the same model, written beside its weights for the opset conversion
             # (reloaded: qnn_preprocess_model leaves ``model`` pointing at weights in its deleted temp dir)
             model = onnx.load(str(source))
             del model.metadata_props[:]
@@ -303,46 +289,72 @@ def quantize_w8a16(source: Path, out: Path, reader, work: Path) -> None:
         del model
         source = _opset_for_16bit(preprocessed, work / f"{out.stem}.pre21.onnx")
         config = get_qnn_qdq_config(
-            str(source),
-            reader,
-            activation_type=QuantType.QUInt16,
-            weight_type=QuantType.QUInt8,
-            stride=calibration_stride(len(reader)),
+            str(source), reader, activation_type=QuantType.QUInt16, weight_type=QuantType.QUInt8
         )
-        with native_output(), _calibration_without_arena():
-            quantize(str(source), str(out), config)
+        cache = calibrate_min_max(source, reader, work / f"{out.stem}.ranges.json", config=config)
+        with native_output(), quiet_ort_quantizer():
+            quantize_static(
+                str(source),
+                str(out),
+                None,  # the ranges come from the cache
+                calibration_cache_path=cache,
+                calibrate_method=config.calibrate_method,
+                quant_format=config.quant_format,
+                activation_type=config.activation_type,
+                weight_type=config.weight_type,
+                op_types_to_quantize=config.op_types_to_quantize,
+                nodes_to_quantize=config.nodes_to_quantize,
+                nodes_to_exclude=config.nodes_to_exclude,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                use_external_data_format=config.use_external_data_format,
+                extra_options=config.extra_options,
+            )
     finally:
-        root.setLevel(level)
         for path in work.glob(f"{out.stem}.pre*"):
             path.unlink()
 
 
-@contextlib.contextmanager
-def _calibration_without_arena():
-    """ORT's calibrator runs the graph with every tensor's min/max as extra outputs in a session with
-    the CPU arena and memory patterns on: at full size that kept > 15 GB of activations for the TAESD
-    decoder (1.2 M weights) and 24 GB for a 0.8 GB UNet part (OOM). Without them, freed tensors go
-    back at once: the full-size decoder calibrates in 7.7 GB. ORT has no option for it, so its session
-    factory is swapped for the duration of one ``quantize`` call."""
+def calibrate_min_max(source: Path, reader, cache: Path, *, config) -> Path:
+    """Every calibrated tensor's min/max over the reader's samples, written as ORT's calibration cache.
+
+    ORT's MinMax calibrator, with two changes that bound memory. Its graph is augmented with a
+    ReduceMin/ReduceMax of every tensor as extra outputs; in ORT's default execution order those
+    reductions all run after the last original node, so every activation stays alive until the end of
+    the run: the full-size UNet part 0 passed 18 GB for one sample. In priority-based order each
+    reduction runs as soon as its tensor exists: 5.1 GB peak, 12.7 s (the same part and sample; the
+    session is made here for that, and with the CPU arena off so freed tensors go back at once). And
+    the collected reductions are folded into running ranges after every sample."""
     import onnxruntime
-    from onnxruntime.quantization.calibrate import CalibraterBase
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater, save_tensors_data
 
-    original = CalibraterBase.create_inference_session
-
-    def create_inference_session(self):
+    extra = config.extra_options or {}
+    calibrator = MinMaxCalibrater(
+        str(source),
+        op_types_to_calibrate=config.op_types_to_quantize,
+        augmented_model_path=str(cache.with_suffix(".augmented.onnx")),
+        symmetric=extra.get("CalibTensorRangeSymmetric", False),
+        use_external_data_format=True,
+    )
+    try:
+        calibrator.augment_graph()
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT does
+        options.execution_order = onnxruntime.ExecutionOrder.PRIORITY_BASED
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
-        self.infer_session = onnxruntime.InferenceSession(
-            self.augmented_model_path, sess_options=options, providers=self.execution_providers
+        calibrator.infer_session = onnxruntime.InferenceSession(
+            calibrator.augmented_model_path, sess_options=options, providers=["CPUExecutionProvider"]
         )
-
-    CalibraterBase.create_inference_session = create_inference_session
-    try:
-        yield
+        for index in range(len(reader)):
+            reader.set_range(index, index + 1)
+            calibrator.collect_data(reader)  # runs one sample and folds its min/max into the ranges
+        save_tensors_data(calibrator.compute_data(), cache)
     finally:
-        CalibraterBase.create_inference_session = original
+        del calibrator
+        for path in cache.parent.glob(f"{cache.stem}.augmented*"):
+            path.unlink()
+    return cache
 
 
 def _opset_for_16bit(source: Path, out: Path) -> Path:
@@ -497,7 +509,6 @@ class QnnOfflineBackend(Backend):
                 "method": "MinMax",
                 "activations": "uint16",
                 "weights": "uint8",
-                "stride": calibration_stride(target.calibration_samples),
             }
         graphs = {component: build.graphs(component) for component in build.components}
         emulate = {c: will_emulate(build, c, precision, options.emulate) for c in build.components}
