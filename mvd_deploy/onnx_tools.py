@@ -87,6 +87,31 @@ def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_name:
     program.model.graph.initializers.clear()
 
 
+MODULE_SCOPE_KEY = "pkg.torch.onnx.name_scopes"  # the dynamo exporter's module path of each node
+
+
+def _module_scope(node) -> str | None:
+    return next((p.value for p in node.metadata_props if p.key == MODULE_SCOPE_KEY), None)
+
+
+def module_paths(path: Path) -> dict[str, str]:
+    """Node name → the PyTorch module that made it (``up_blocks.3.resnets.1.conv1``), from the
+    exporter's name scopes (``['', 'up_blocks.3', ..., 'up_blocks.3.resnets.1.conv1', 'conv2d']``:
+    the last entry is the op itself). Nodes made outside any module are left out."""
+    import ast
+
+    import onnx
+
+    paths = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        scope = _module_scope(node)
+        if scope:
+            modules = [m for m in ast.literal_eval(scope)[:-1] if m]
+            if modules:
+                paths[node.name] = modules[-1]
+    return paths
+
+
 def simplify_onnx(path: Path) -> tuple[int, int]:
     """onnxsim on the graph alone; returns node counts (before, after). Rewrites ``path`` in place.
 
@@ -100,6 +125,7 @@ def simplify_onnx(path: Path) -> tuple[int, int]:
 
     model = onnx.load(str(path), load_external_data=False)
     before = len(model.graph.node)
+    scopes = {node.name: _module_scope(node) for node in model.graph.node}
     detached = {t.name: t for t in model.graph.initializer if external_data_helper.uses_external_data(t)}
     kept = [t for t in model.graph.initializer if t.name not in detached]
     del model.graph.initializer[:]
@@ -118,6 +144,9 @@ def simplify_onnx(path: Path) -> tuple[int, int]:
     simplified.graph.input.extend(real_inputs)
     simplified.graph.initializer.extend(t for name, t in detached.items() if name in used)
     assert len(real_inputs) == n_inputs
+    for node in simplified.graph.node:  # onnxsim drops node metadata: the module path is put back
+        if scopes.get(node.name):
+            node.metadata_props.add(key=MODULE_SCOPE_KEY, value=scopes[node.name])
     onnx.save(simplified, str(path))
     return before, len(simplified.graph.node)
 

@@ -16,7 +16,7 @@ from mvd_deploy.cli import main
 from mvd_deploy.device_profiles import resolve_target
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.export import export_build
-from mvd_deploy.onnx_tools import check_onnx, psnr_db, run_onnx, simplify_onnx
+from mvd_deploy.onnx_tools import check_onnx, module_paths, psnr_db, run_onnx, simplify_onnx
 
 
 def _copy_build(build: Path, tmp_path: Path) -> Path:
@@ -43,6 +43,16 @@ def test_export_writes_one_checked_onnx_and_one_data_file_per_component(tiny_bui
     assert manifest["components"]["decoder"]["outputs"][0]["shape"] == [1, 14, 3, 64, 128]
     assert [p["name"] for p in manifest["passes"]][0] == "merge_funnels"
     assert manifest["toolchain"]["torch"].startswith("2.13.0")
+
+
+def test_built_graphs_name_each_node_by_the_module_that_made_it(tiny_build):
+    """onnxsim drops node metadata; the exporter's module path is put back (per-layer cost views use it)."""
+    paths = module_paths(tiny_build / "unet.onnx")
+    graph = onnx.load(str(tiny_build / "unet.onnx"), load_external_data=False).graph
+    convs = [node.name for node in graph.node if node.op_type == "Conv"]
+    assert paths[convs[0]] == "conv_in" and paths[convs[-1]] == "conv_out"
+    assert len(paths) >= 0.9 * len(graph.node)
+    assert any(p.startswith("up_blocks.3.") for p in paths.values())
 
 
 def test_export_parity_is_what_the_manifest_says(tiny_build, tiny_checkpoint):

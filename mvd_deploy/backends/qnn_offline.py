@@ -562,17 +562,19 @@ class QnnOfflineBackend(Backend):
         weights = htp.check_fits(graphs, precision, target.context_limit_mb, f"{target.name} ({target.source})")
         samples, sessions = [], {}  # the exported parts before each part, opened once for all samples
         for index, graph in enumerate(graphs):
-            source = graph.onnx
+            source, quantize_s = graph.onnx, None
             if precision == "w8a16":
                 source = _qdq_path(work, graph, target)
                 if not source.exists():  # another target of this compile may have made it
                     n = target.calibration_samples
                     with stages.stage(f"{graph.name}: w8a16 QDQ, {n} calibration samples"):
+                        start = time.perf_counter()
                         samples = samples or pipeline_inputs(build, component, n, seed=CALIBRATION_SEED)
                         reader = _calibration_reader(
                             samples, lambda s, i=index: graph_feeds(graphs[: i + 1], s, sessions)[i]
                         )
                         quantize_w8a16(graph.onnx, source, reader, work)
+                        quantize_s = round(time.perf_counter() - start, 1)
             out = staged / f"{graph.name}.onnx"
             where = f"{graph.name} ({target.name} {offline_form(precision)})"
             with stages.stage(f"{graph.name}: QNN HTP compile for {chipset.name} (v{chipset.htp_arch})"):
@@ -591,6 +593,7 @@ class QnnOfflineBackend(Backend):
                 "weight_bytes": weights[graph.name],
                 "nodes": _node_count(source),
                 "ep_compatibility_info": compiled["compatibility"],
+                "quantize_s": quantize_s,  # calibration + QDQ; None where another target of the call made it
                 "compile_s": round(seconds, 1),
             }
             _check_context_size(entry, target)
