@@ -329,14 +329,16 @@ def calibrate_min_max(source: Path, reader, cache: Path, *, config) -> Path:
     from onnxruntime.quantization.calibrate import MinMaxCalibrater, save_tensors_data
 
     extra = config.extra_options or {}
-    calibrator = MinMaxCalibrater(
-        str(source),
-        op_types_to_calibrate=config.op_types_to_quantize,
-        augmented_model_path=str(cache.with_suffix(".augmented.onnx")),
-        symmetric=extra.get("CalibTensorRangeSymmetric", False),
-        use_external_data_format=True,
-    )
+    scratch = cache.with_suffix(".calibration")  # the augmented model and its (uuid-named) weights copy
+    scratch.mkdir()
     try:
+        calibrator = MinMaxCalibrater(
+            str(source),
+            op_types_to_calibrate=config.op_types_to_quantize,
+            augmented_model_path=str(scratch / "augmented.onnx"),
+            symmetric=extra.get("CalibTensorRangeSymmetric", False),
+            use_external_data_format=True,
+        )
         calibrator.augment_graph()
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT does
@@ -350,10 +352,9 @@ def calibrate_min_max(source: Path, reader, cache: Path, *, config) -> Path:
             reader.set_range(index, index + 1)
             calibrator.collect_data(reader)  # runs one sample and folds its min/max into the ranges
         save_tensors_data(calibrator.compute_data(), cache)
-    finally:
         del calibrator
-        for path in cache.parent.glob(f"{cache.stem}.augmented*"):
-            path.unlink()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return cache
 
 
