@@ -71,7 +71,8 @@ def _option_message(error: MvdError) -> str:
     option = OPTION_NAMES.get(error.parameter or "")
     if option is None:
         return message
-    return re.sub(rf"(?<![\w-]){re.escape(error.parameter)}(?![\w-])", option, message, count=1)
+    # the parameter as a word of the message, never part of a path or another name
+    return re.sub(rf"(?<![^\s(]){re.escape(error.parameter)}(?![\w/.-])", option, message, count=1)
 
 
 def _terminate_on_sigterm() -> None:

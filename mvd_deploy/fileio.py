@@ -61,13 +61,11 @@ def atomic_output_dir(out: Path, parameter: str = "out") -> Iterator[Path]:
     failure or interruption the temporary directory is removed and ``out`` is untouched.
     """
     out = check_output_dir(out, parameter)
-    try:
-        staging = staged_dir(out)
-        tmp = staging.__enter__()
-    except OSError as e:
-        raise MvdError(f"{parameter} {out}: cannot write there ({e.strerror or e})", parameter=parameter) from None
     with contextlib.ExitStack() as stack:
-        stack.push(staging)  # exits like a with block: swaps in on success, removes on failure
+        try:
+            tmp = stack.enter_context(staged_dir(out))
+        except OSError as e:
+            raise MvdError(f"{parameter} {out}: cannot write there ({e.strerror or e})", parameter=parameter) from None
         yield tmp
         umask_permissions(tmp)
 

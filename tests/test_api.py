@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import mvd_deploy
 from helpers import ROOT
-from mvd_deploy.cli import main
+from mvd_deploy.cli import _option_message, main
 
 PACKAGE = ROOT / "mvd_deploy"
 
@@ -90,6 +90,27 @@ def test_errors_name_parameters_and_the_cli_names_options(tmp_path):
         result.exit_code == 2
         and result.stderr == f"error: --out {occupied}: already exists and is not empty; choose a new directory\n"
     )
+
+
+@pytest.mark.parametrize(
+    "message,parameter,printed",
+    [
+        ("out /b/out: already exists", "out", "--out /b/out: already exists"),
+        (
+            "/p/offline/x.yaml: key 'chipset': needed for offline (the SoC)",
+            "offline",
+            "/p/offline/x.yaml: key 'chipset': needed for --offline (the SoC)",
+        ),
+        (
+            "unet: 3 dB PSNR; not written (lower it with min_psnr_db)",
+            "min_psnr_db",
+            "unet: 3 dB PSNR; not written (lower it with --min-psnr)",
+        ),
+        ("model_dir/recipe.yaml: key 'name': is missing", None, "model_dir/recipe.yaml: key 'name': is missing"),
+    ],
+)
+def test_the_cli_says_the_option_where_the_api_says_the_parameter(message, parameter, printed):
+    assert _option_message(mvd_deploy.MvdError(message, parameter=parameter)) == printed
 
 
 def test_the_cli_leaves_loggers_as_it_found_them(tmp_path):

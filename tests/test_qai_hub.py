@@ -124,9 +124,7 @@ def test_compile_float16_for_two_targets_together(build, tmp_path):
 
 def test_device_is_the_newest_os_and_recorded(build, tmp_path):
     """get_devices(name=…) returns one entry per OS version, in no particular order."""
-    records = QaiHubBackend(FakeHub()).compile(
-        build, [_target(tmp_path, precision="float16")], CompileOptions(), quiet=True
-    )
+    records = QaiHubBackend(FakeHub()).compile(build, [_target(tmp_path, precision="float16")], CompileOptions())
     device = records["xiaomi-14-pro/float16"]["device"]
     assert (device["os"], device["offered_os"]) == ("15", ["13", "14", "15"])
 

@@ -157,7 +157,7 @@ def test_offline_sends_phone_profiles_to_qnn_offline(tmp_path):
     assert [p.name for p in groups["ort-cpu"]] == ["ort-cpu"]
     assert "qnn-offline" not in group_targets(["xiaomi-14-pro"])
     no_chipset = write_profile(tmp_path, chipset=None)
-    with pytest.raises(MvdError, match=rf"^{no_chipset}: key 'chipset': needed for --offline"):
+    with pytest.raises(MvdError, match=rf"^{no_chipset}: key 'chipset': needed for offline"):
         group_targets([str(no_chipset)], offline=True)
 
 

@@ -95,8 +95,9 @@ SESSION_CONFIG = {"session.disable_cpu_ep_fallback": "1"}  # an unsupported node
 def require_chipset(target):
     if target.chipset is None:
         raise MvdError(
-            f"{target.source}: key 'chipset': needed for --offline (the SoC the QNN compiler targets, "
-            "e.g. chipset: {name: SM8650, soc_model: 57, htp_arch: 75})"
+            f"{target.source}: key 'chipset': needed for offline (the SoC the QNN compiler targets, "
+            "e.g. chipset: {name: SM8650, soc_model: 57, htp_arch: 75})",
+            parameter="offline",
         )
     return target.chipset
 
