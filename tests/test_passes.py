@@ -202,12 +202,17 @@ def test_impossible_lists_are_refused_clearly(train_time_unet):
     train_time_unet.spec = fifty_steps
     with pytest.raises(PassError, match=r"pass 'fold_conditioning' \(number 2 in the list\) cannot run: needs a fixed"):
         run_passes(DeployPipeline(train_time_unet), make_passes(["merge_funnels", "fold_conditioning"]))
+    # called on its own (as the stage table and the pruning policy call passes), the same check
+    [fold] = make_passes(["fold_conditioning"])
+    with pytest.raises(PassError, match=r"^pass 'fold_conditioning' cannot run: needs a fixed"):
+        fold(DeployPipeline(train_time_unet))
+    assert not train_time_unet.conditioning_folded
 
 
 class _BreaksTheModel(Pass):
     name = "break_it"
 
-    def run(self, pipeline):
+    def call(self, pipeline):
         with torch.no_grad():
             pipeline.unet.conv_out.bias.add_(0.1)
         return "nudged conv_out"
