@@ -13,7 +13,7 @@ import time
 import torch
 
 from mvd_deploy.backends.ort_cpu import gemm_gflops as ort_gemm_gflops
-from mvd_deploy.deploy import deploy
+from mvd_deploy.deploy import deploy_checkpoint
 
 
 def gemm_gflops(n: int = 4096, repeats: int = 5) -> dict[str, float]:
@@ -31,12 +31,11 @@ def gemm_gflops(n: int = 4096, repeats: int = 5) -> dict[str, float]:
 
 def main() -> None:
     checkpoint, runs = sys.argv[1], int(sys.argv[2])
-    pipeline, _, _ = deploy(
+    pipeline = deploy_checkpoint(
         checkpoint,
         passes=["merge_funnels", "strip_temporal", "single_token_cross_attention", "fold_conditioning"],
         check=False,
-        quiet=True,
-    )
+    ).pipeline
     unet = pipeline.unet
     inputs = unet.example_inputs()
     times = []

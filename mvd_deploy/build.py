@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mvd_deploy.errors import MvdError
-from mvd_deploy.fileio import load_json, owned_temp_dir, write_json
+from mvd_deploy.fileio import load_json, owned_temp_dir, staged_dir, swap_in, write_json
 
 MANIFEST = "build.json"
 BUILD_FORMAT = "mvd-deploy-build"
@@ -101,18 +101,24 @@ class Build:
         write_json(tmp, self.manifest)
         os.replace(tmp, self.path / MANIFEST)
 
+    @contextlib.contextmanager
+    def staged(self, relative: str, label: str) -> Iterator[Path]:
+        """A new directory in the build's ``.staging/`` that replaces ``relative`` when the block
+        completes (:meth:`replace_dir`), and is removed when it does not."""
+
+        def swap(staged: Path, target: Path) -> None:
+            self.replace_dir(staged, relative)
+
+        try:
+            with staged_dir(self.path / relative, staging=self.path / ".staging", label=label, swap=swap) as staged:
+                yield staged
+        finally:
+            self.clean_staging()
+
     def replace_dir(self, staged: Path, relative: str) -> Path:
         """Move the completed directory ``staged`` to ``relative`` in the build, replacing any old one."""
-        target = self.path / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        old = None
-        if target.exists():
-            old = owned_temp_dir(target.parent, f".{target.name}.old-")
-            os.replace(target, old / target.name)
-        os.replace(staged, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return target
+        swap_in(staged, self.path / relative)
+        return self.path / relative
 
     def staging_dir(self, name: str) -> Path:
         """A new directory in the build's ``.staging/``; what a killed run left there is removed first."""
@@ -147,8 +153,6 @@ class Build:
 
 def summary_rows(build: Build) -> list[dict]:
     """Per component and form: parameters, FLOPs, PSNR against its reference, profiled p50 and peak memory."""
-    from mvd_deploy.fileio import load_json
-
     profiles = {}
     for path in sorted((build.path / "profiles").glob("*.json")) if (build.path / "profiles").is_dir() else []:
         profile = load_json(path, "profile")

@@ -6,92 +6,32 @@ key, shape and dtype has been checked against the model the config describes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from mvd_deploy.config import ConfigSection
 from mvd_deploy.errors import MvdError
 from mvd_deploy.fileio import atomic_output_dir, check_output_dir, load_json, write_json
-from mvd_deploy.flops import with_resolved_gates
 from mvd_deploy.model.unet import MobileVDUNet
+from mvd_deploy.passes.manager import make_passes
 from mvd_deploy.progress import Stages
-from mvd_deploy.recipe import ConfigSection, ModelSpec, load_recipe, read_spec, read_unet_config
+from mvd_deploy.pruning import with_resolved_gates
+from mvd_deploy.recipe import ModelSpec, load_recipe, read_spec, read_unet_config
+from mvd_deploy.weights import TensorInfo, load_diffusers_weights, load_weights, read_safetensors_header
 
 FORMAT = "mvd-deploy-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "unet.safetensors"
-_MAP_WINDOW = 256 * 2**20
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # Settings that do not change the graph: an SVD directory may differ from the recipe here.
 _UNET_KEYS_FREE = ("num_frames", "sample_size")
-
-
-@dataclass
-class TensorInfo:
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Names, shapes and dtypes from a safetensors file, reading no tensor data."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            infos = {}
-            for key in f.keys():
-                sl = f.get_slice(key)
-                infos[key] = TensorInfo(tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
-            return infos
-    except FileNotFoundError:
-        raise MvdError(f"{path}: weights file not found") from None
-    except (SafetensorError, OSError) as e:
-        raise MvdError(f"{path}: not a readable safetensors file, truncated or corrupt ({_one_line(e)})") from None
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
-
-
-def check_weights(path: Path, header: dict[str, TensorInfo], model: torch.nn.Module, dtype: str) -> None:
-    """Keys, shapes and dtypes of ``header`` against ``model``'s state dict; first mismatch raises."""
-    expected = model.state_dict()
-    for key in expected:
-        if key not in header:
-            raise MvdError(f"{path}: key '{key}' is missing")
-    for key, info in header.items():
-        if key not in expected:
-            raise MvdError(f"{path}: key '{key}' is unexpected (not a parameter of this model)")
-        want = tuple(expected[key].shape)
-        if info.shape != want:
-            raise MvdError(f"{path}: key '{key}' has shape {list(info.shape)}, expected {list(want)}")
-        if info.dtype != dtype:
-            raise MvdError(f"{path}: key '{key}' has dtype {info.dtype}, expected {dtype}")
-
-
-def load_weights(path: Path, model: torch.nn.Module, dtype: str) -> None:
-    """Check, then load ``path`` into ``model`` (which may live on the meta device)."""
-    header = read_safetensors_header(path)
-    check_weights(path, header, model, dtype)
-    keys, state = list(header), {}
-    try:
-        # safetensors maps the file; pages read through the map count as ours until it closes, so
-        # reopen every _MAP_WINDOW bytes: peak memory stays near the weights' size, not twice it.
-        while len(state) < len(keys):
-            with safe_open(str(path), framework="pt") as f:
-                window = 0
-                while len(state) < len(keys) and window < _MAP_WINDOW:
-                    key = keys[len(state)]
-                    # clone(): safetensors' buffers are not 64-byte aligned, and CPU kernels take other
-                    # (slower, differently rounded) paths on unaligned data; torch's allocator aligns.
-                    state[key] = f.get_tensor(key).clone()
-                    window += state[key].nbytes
-    except (SafetensorError, OSError) as e:
-        raise MvdError(f"{path}: cannot read weights ({_one_line(e)})") from None
-    model.load_state_dict(state, strict=True, assign=True)
+DEPLOY_PASSES_KEY = "mobilevd.deploy_passes"
+logger = logging.getLogger(__name__)
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -183,28 +123,36 @@ def _svd_unet(unet_dir: Path, spec: ModelSpec) -> torch.nn.Module:
     return load_diffusers_weights(unet_dir, base.to("meta"))
 
 
-def load_diffusers_weights(directory: Path, model: torch.nn.Module) -> torch.nn.Module:
-    """Load a diffusers model directory's safetensors weights (fp32, or the fp16 variant) as float32."""
-    candidates = [directory / f"diffusion_pytorch_model{v}.safetensors" for v in ("", ".fp16")]
-    weights = next((p for p in candidates if p.exists()), None)
-    if weights is None:
-        raise MvdError(
-            f"{directory}: no diffusion_pytorch_model[.fp16].safetensors (only safetensors weights are read)"
-        )
-    header = read_safetensors_header(weights)
-    dtype = next(iter(header.values())).dtype if header else "float32"
-    load_weights(weights, model, dtype)
-    return model.float()
+@dataclass
+class CheckpointResult:
+    """What :func:`init_checkpoint` wrote."""
+
+    checkpoint: str
+    recipe: str
+    seed: int | None  # None when initialised from an SVD UNet
+    from_svd: str | None
+    params: int
+    temporal_blocks_kept: int
+    temporal_blocks_pruned: int
+    funnel_pairs: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 def init_checkpoint(
-    recipe: str | Path, out: str | Path, seed: int = 0, from_svd: str | Path | None = None, quiet: bool = False
-) -> dict:
-    """Make a train-time checkpoint from a recipe: deterministic random init, or from an SVD UNet."""
+    recipe: str | Path, *, out: str | Path, seed: int = 0, from_svd: str | Path | None = None
+) -> CheckpointResult:
+    """Make a train-time checkpoint in the new directory ``out`` from ``recipe`` (a shipped model's
+    name or a recipe path): deterministic random init (``seed``), or from a local diffusers SVD UNet
+    directory (``from_svd``)."""
     check_output_dir(Path(out))
-    stages = Stages(3, quiet=quiet)
+    stages = Stages(3, logger)
     with stages.stage(f"read recipe {recipe}"):
-        spec = with_resolved_gates(load_recipe(recipe))
+        spec = load_recipe(recipe)
+        if spec.mobilevd.deploy_passes is not None:  # refused now, not when the checkpoint is deployed
+            make_passes(spec.mobilevd.deploy_passes, source=f"{spec.source}: key '{DEPLOY_PASSES_KEY}'")
+        spec = with_resolved_gates(spec)
     if from_svd is not None:
         with stages.stage(f"load SVD UNet from {from_svd}, funnels by coupled singular init"):
             model = MobileVDUNet(_svd_unet(Path(from_svd), spec), spec)
@@ -216,13 +164,13 @@ def init_checkpoint(
     with stages.stage(f"write {out}"):
         save_checkpoint(model, out)
     gates = spec.mobilevd.temporal_gates
-    return {
-        "checkpoint": str(out),
-        "recipe": str(recipe),
-        "seed": None if from_svd else seed,
-        "from_svd": str(from_svd) if from_svd else None,
-        "params": sum(p.numel() for p in model.parameters()),
-        "temporal_blocks_kept": sum(g.keep for g in gates.values()),
-        "temporal_blocks_pruned": sum(not g.keep for g in gates.values()),
-        "funnel_pairs": 2 * len(attentions),
-    }
+    return CheckpointResult(
+        checkpoint=str(out),
+        recipe=str(recipe),
+        seed=None if from_svd else seed,
+        from_svd=str(from_svd) if from_svd else None,
+        params=sum(p.numel() for p in model.parameters()),
+        temporal_blocks_kept=sum(g.keep for g in gates.values()),
+        temporal_blocks_pruned=sum(not g.keep for g in gates.values()),
+        funnel_pairs=2 * len(attentions),
+    )

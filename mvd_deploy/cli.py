@@ -1,9 +1,16 @@
-"""The ``mvd-deploy`` command line: thin click commands over the Python API."""
+"""The ``mvd-deploy`` command line: argument parsing and printing over the Python API
+(docs/python-api.md); each command calls one API function and prints its result.
+
+The API's errors name its parameters (``out``, ``targets``); here they name the options instead
+(``--out``, ``--target``). Progress lines go to stderr through a handler on the ``mvd_deploy``
+logger, for the command's duration, so stdout holds only the result (one JSON object with --json).
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import signal
 import sys
 import threading
@@ -11,6 +18,25 @@ import threading
 import click
 
 from mvd_deploy.errors import MvdError
+from mvd_deploy.progress import show_progress
+
+# API parameter → what the command line calls it
+OPTION_NAMES = {
+    "out": "--out",
+    "recipe": "--model",
+    "components": "--components",
+    "precision": "--precision",
+    "target": "--target",
+    "targets": "--target",
+    "int8": "--int8",
+    "min_psnr_db": "--min-psnr",
+    "calibration_samples": "--calibration-samples",
+    "form": "--form",
+    "offline": "--offline",
+    "emulate": "--emulate",
+    "runs": "--runs",
+    "source": "SOURCE",
+}
 
 
 class Terminated(KeyboardInterrupt):
@@ -30,13 +56,23 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MvdError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_option_message(e)}", err=True)
             sys.exit(e.exit_code)
         except Terminated:
             click.echo("error: interrupted by SIGTERM; unfinished output removed", err=True)
             sys.exit(EXIT_TERMINATED)
 
     return wrapper
+
+
+def _option_message(error: MvdError) -> str:
+    """The error's message with the API parameter it names replaced by the command-line option."""
+    message = str(error)
+    option = OPTION_NAMES.get(error.parameter or "")
+    if option is None:
+        return message
+    # the parameter as a word of the message, never part of a path or another name
+    return re.sub(rf"(?<![^\s(]){re.escape(error.parameter)}(?![\w/.-])", option, message, count=1)
 
 
 def _terminate_on_sigterm() -> None:
@@ -65,6 +101,7 @@ def _emit(result, as_json: bool, human) -> None:
 def main():
     """Take a MobileVD video diffusion checkpoint to the phone."""
     _terminate_on_sigterm()
+    click.get_current_context().with_resource(show_progress())
 
 
 @main.command("init-checkpoint")
@@ -88,7 +125,7 @@ def init_checkpoint_cmd(recipe, out, seed, from_svd, as_json):
     """Make a train-time MobileVD checkpoint (random init, or from an SVD UNet)."""
     from mvd_deploy.checkpoint import init_checkpoint
 
-    result = init_checkpoint(recipe, out, seed=seed, from_svd=from_svd)
+    result = init_checkpoint(recipe, out=out, seed=seed, from_svd=from_svd).to_json()
     _emit(
         result,
         as_json,
@@ -112,7 +149,7 @@ def inspect_cmd(target, stages, as_json):
     if stages:
         _emit(inspect_stages(target), as_json, lambda rows: format_stage_table(rows, f"{target}: FLOPs per UNet call"))
     else:
-        _emit(inspect_model(target), as_json, format_inspect)
+        _emit(inspect_model(target).to_json(), as_json, format_inspect)
 
 
 def _deploy_options(command):
@@ -178,11 +215,16 @@ def _pass_list(value: str | None) -> list[str] | None:
 @_user_errors
 def passes_cmd(checkpoint, passes, keep_conditioning_inputs, taesd_dir, decoder_seed, tolerance, as_json):
     """Run the deploy passes on a checkpoint and check each exact one (writes nothing)."""
-    from mvd_deploy.deploy import deploy, format_pass_log
+    from mvd_deploy.deploy import deploy_checkpoint, format_pass_log
 
-    _, results, _ = deploy(
-        checkpoint, _pass_list(passes), keep_conditioning_inputs, taesd_dir, decoder_seed, tolerance=tolerance
-    )
+    results = deploy_checkpoint(
+        checkpoint,
+        passes=_pass_list(passes),
+        keep_conditioning_inputs=keep_conditioning_inputs,
+        taesd_dir=taesd_dir,
+        decoder_seed=decoder_seed,
+        tolerance=tolerance,
+    ).passes
     _emit([r.to_dict() for r in results], as_json, lambda _: format_pass_log(results))
 
 
@@ -206,10 +248,18 @@ def export_cmd(
     """Export a checkpoint's deploy model to ONNX (one model per component), validated against PyTorch."""
     from mvd_deploy.export import export_build, format_build
 
-    manifest = export_build(
-        checkpoint, out, recipe, components, precision, keep_conditioning_inputs, taesd_dir, decoder_seed, min_psnr
+    build = export_build(
+        checkpoint,
+        out=out,
+        recipe=recipe,
+        components=components,
+        precision=precision,
+        keep_conditioning_inputs=keep_conditioning_inputs,
+        taesd_dir=taesd_dir,
+        decoder_seed=decoder_seed,
+        min_psnr_db=min_psnr,
     )
-    _emit(manifest, as_json, lambda m: format_build(m, out))
+    _emit(build.manifest, as_json, lambda m: format_build(m, out))
 
 
 @main.command("compile")
@@ -246,18 +296,20 @@ def export_cmd(
 @_user_errors
 def compile_cmd(build_dir, targets, int8, min_psnr, calibration_samples, form, offline, emulate, as_json):
     """Compile a build for one or more targets; every compiled form is validated."""
-    from mvd_deploy.backends import CompileOptions, get_backend, group_targets
-    from mvd_deploy.build import Build
+    from mvd_deploy.targets import compile_build
 
     _offline_only(offline, form=form, emulate=emulate)
-    build = Build(build_dir)
-    options = CompileOptions(
-        int8=int8, min_psnr_db=min_psnr, calibration_samples=calibration_samples, form=form, emulate=emulate
+    result = compile_build(
+        build_dir,
+        targets=targets,
+        int8=int8,
+        min_psnr_db=min_psnr,
+        calibration_samples=calibration_samples,
+        form=form,
+        offline=offline,
+        emulate=emulate,
     )
-    records = {}
-    for backend, profiles in group_targets(targets, offline=offline).items():
-        records |= get_backend(backend).compile(build, profiles, options)
-    _emit(records, as_json, _format_compiled)
+    _emit(result.to_json(), as_json, _format_compiled)
 
 
 def _format_compiled(records: dict) -> str:
@@ -306,33 +358,17 @@ def profile_cmd(build_dir, targets, form, runs, gate, offline, emulate, as_json)
 
     --offline: the emulated check of the offline QNN compile, and no latency (the HTP emulator gives
     no phone timing; the profile says so)."""
-    from mvd_deploy.backends import QnnOfflineBackend, get_backend, group_targets
-    from mvd_deploy.build import Build
-    from mvd_deploy.fileio import write_json
-    from mvd_deploy.gate import markdown, run_gate
+    from mvd_deploy.targets import profile_build
 
     _offline_only(offline, emulate=emulate)
-    build = Build(build_dir)
-    profiles, reports = [], []
-    groups = group_targets(targets, offline=offline)
-    for backend, target_profiles in groups.items():
-        extra = {"emulate": emulate} if backend == QnnOfflineBackend.name else {}
-        for target, profile in zip(
-            target_profiles, get_backend(backend).profile(build, target_profiles, form, runs, **extra), strict=True
-        ):
-            path = build.path / "profiles" / f"{profile['target']}-{profile['form']}.json"
-            path.parent.mkdir(exist_ok=True)
-            write_json(path, profile)
-            profiles.append(profile)
-            if gate:
-                reports.append(run_gate(path, target))
-                build.manifest.setdefault("gates", {})[f"{profile['target']}/{profile['form']}"] = reports[-1]
-    build.save_manifest()
-    result = profiles[0] if len(profiles) == 1 else profiles
-    _emit(result, as_json, lambda _: "\n".join(_format_profile(p) for p in profiles))
+    result = profile_build(
+        build_dir, targets=targets, form=form, runs=runs, gate=gate, offline=offline, emulate=emulate
+    )
+    profiles = result.to_json()
+    _emit(profiles[0] if len(profiles) == 1 else profiles, as_json, lambda _: "\n".join(map(_format_profile, profiles)))
     if gate:
-        click.echo("\n".join(markdown(r) for r in reports), err=True)
-        sys.exit(0 if all(r["passed"] for r in reports) else 1)
+        click.echo("\n".join(report.summary() for report in result.gates), err=True)
+        sys.exit(0 if result.passed else 1)
 
 
 @main.command("gate")
@@ -349,19 +385,11 @@ def profile_cmd(build_dir, targets, form, runs, gate, offline, emulate, as_json)
 @_user_errors
 def gate_cmd(profile_json, budget, junit, markdown_path, as_json):
     """Check a profile against budgets: exit 0 within budget, 1 over, 2 on bad input."""
-    from pathlib import Path
+    from mvd_deploy.gate import gate_profile, markdown_summary
 
-    from mvd_deploy.device_profiles import resolve_target
-    from mvd_deploy.gate import markdown, run_gate
-
-    report = run_gate(
-        profile_json,
-        resolve_target(budget),
-        Path(junit) if junit else None,
-        Path(markdown_path) if markdown_path else None,
-    )
-    _emit(report, as_json, markdown)
-    sys.exit(0 if report["passed"] else 1)
+    report = gate_profile(profile_json, budget=budget, junit=junit, markdown=markdown_path)
+    _emit(report.to_json(), as_json, markdown_summary)
+    sys.exit(0 if report.passed else 1)
 
 
 def _format_profile(p: dict) -> str:
@@ -431,10 +459,10 @@ def _format_summary(rows: list[dict]) -> str:
 @_user_errors
 def pull_cmd(source, out, targets, as_json):
     """Copy a build's compiled artifacts (or an AI Hub compile job's model), hashes verified."""
-    from mvd_deploy.pull import pull
+    from mvd_deploy.pull import pull_build
 
-    record = pull(source, out, list(targets) or None)
-    _emit(record, as_json, lambda r: f"pulled {len(r['files'])} files into {out}, every sha256 verified")
+    result = pull_build(source, out=out, targets=targets)
+    _emit(result.to_json(), as_json, lambda r: f"pulled {len(r['files'])} files into {out}, every sha256 verified")
 
 
 @main.command("report")
@@ -446,5 +474,5 @@ def report_cmd(build_dir, out, as_json):
     """An HTML page with plots: FLOPs per stage vs the paper, latency per component and target, top ops."""
     from mvd_deploy.report import write_report
 
-    result = write_report(build_dir, out)
+    result = write_report(build_dir, out=out).to_json()
     _emit(result, as_json, lambda r: f"wrote {r['report']} ({len(r['images'])} plots)")

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from mvd_deploy.checkpoint import CheckpointInfo, load_checkpoint
+from mvd_deploy.checkpoint import DEPLOY_PASSES_KEY, CheckpointInfo, load_checkpoint
 from mvd_deploy.errors import MvdError
-from mvd_deploy.passes import DEFAULT_PASSES, DeployPipeline, PassOptions
+from mvd_deploy.passes import DEFAULT_PASSES, DeployPipeline, Pass, PassOptions
 from mvd_deploy.passes.manager import DEFAULT_TOLERANCE, PassResult, make_passes, run_passes
 from mvd_deploy.progress import Stages
-from mvd_deploy.recipe import ModelSpec, load_recipe
+from mvd_deploy.recipe import ModelSpec, load_recipe, recipe_file
 
-
-def pass_names(info: CheckpointInfo, passes: list[str] | None, keep_conditioning_inputs: bool) -> list[str]:
-    """The list to run: the command line's, else the checkpoint's, else all; minus folding if asked."""
-    if passes is None:
-        configured = info.spec.mobilevd.deploy_passes
-        passes = configured if configured is not None else DEFAULT_PASSES
-    names = list(passes)
-    if keep_conditioning_inputs:
-        names = [n for n in names if n != "fold_conditioning"]
-    return names
+logger = logging.getLogger(__name__)
 
 
 # What a recipe may change about a checkpoint's deployment; the rest is what the weights were trained as.
@@ -48,35 +40,56 @@ def with_recipe(spec: ModelSpec, recipe: str | Path) -> ModelSpec:
     return dataclasses.replace(spec, mobilevd=dataclasses.replace(spec.mobilevd, **changes))
 
 
-def deploy(
+@dataclass
+class Deployment:
+    """A checkpoint after the deploy passes: what runs on the phone, and what each pass did."""
+
+    pipeline: DeployPipeline
+    passes: list[PassResult]
+    checkpoint: CheckpointInfo
+
+
+def deploy_checkpoint(
     checkpoint: str | Path,
+    *,
     passes: list[str] | None = None,
     keep_conditioning_inputs: bool = False,
     taesd_dir: str | Path | None = None,
     decoder_seed: int = 0,
     check: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
-    quiet: bool = False,
     recipe: str | Path | None = None,
-) -> tuple[DeployPipeline, list[PassResult], CheckpointInfo]:
-    """Load ``checkpoint`` (deployed as ``recipe`` says, when given) and run the deploy passes."""
-    stages = Stages(2, quiet=quiet, name="deploy")
+) -> Deployment:
+    """Load ``checkpoint`` (deployed as ``recipe`` says, when given) and run the deploy passes: ``passes``,
+    else the checkpoint's (or recipe's) ``deploy_passes``, else all; ``keep_conditioning_inputs`` leaves
+    out fold_conditioning. ``check`` proves each exact pass kept the outputs to ``tolerance``."""
+    stages = Stages(2, logger, name="deploy")
     with stages.stage(f"load {checkpoint}"):
         unet, info = load_checkpoint(checkpoint)
         if recipe is not None:
             unet.spec = info.spec = with_recipe(info.spec, recipe)
-    names = pass_names(info, passes, keep_conditioning_inputs)
     options = PassOptions(taesd_dir=Path(taesd_dir) if taesd_dir else None, decoder_seed=decoder_seed)
-    deploy_passes = make_passes(names, options)
+    deploy_passes = _make_passes(info, passes, keep_conditioning_inputs, options, recipe)
     pipeline = DeployPipeline(unet)
+    with stages.stage(f"run {len(deploy_passes)} deploy passes" + (" (each exact one checked)" if check else "")):
+        results = run_passes(pipeline, deploy_passes, check=check, tolerance=tolerance)
+    return Deployment(pipeline=pipeline, passes=results, checkpoint=info)
 
-    def progress(i, n, name):
-        if not quiet:
-            print(f"      pass {i + 1}/{n}: {name}", flush=True, file=sys.stderr)
 
-    with stages.stage(f"run {len(names)} deploy passes" + (" (each exact one checked)" if check else "")):
-        results = run_passes(pipeline, deploy_passes, check=check, tolerance=tolerance, progress=progress)
-    return pipeline, results, info
+def _make_passes(
+    info: CheckpointInfo, passes: list[str] | None, keep_conditioning_inputs: bool, options: PassOptions, recipe
+) -> list[Pass]:
+    """The passes to run: ``passes``, else the configured ones (named in errors by where they were
+    configured), else all; minus fold_conditioning when conditioning stays inputs."""
+    source = None
+    if passes is None:
+        configured = info.spec.mobilevd.deploy_passes
+        if configured is not None:
+            where = recipe_file(recipe) if recipe is not None else info.spec.source
+            source = f"{where}: key '{DEPLOY_PASSES_KEY}'"
+        passes = configured if configured is not None else DEFAULT_PASSES
+    names = [n for n in passes if not (keep_conditioning_inputs and n == "fold_conditioning")]
+    return make_passes(names, options, source=source)
 
 
 def format_pass_log(results: list[PassResult]) -> str:

@@ -12,10 +12,7 @@ from dataclasses import dataclass, field
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-import yaml
-
-from mvd_deploy.errors import MvdError
-from mvd_deploy.recipe import ConfigSection
+from mvd_deploy.config import ConfigSection, load_yaml
 from mvd_deploy.shipped import DEVICE_PROFILES, resolve_yaml
 
 BACKEND_NAMES = ("qai-hub", "ort-cpu")
@@ -103,13 +100,7 @@ def _read_budgets(s: ConfigSection) -> tuple[dict[str, Budget], float | None]:
 
 def load_device_profile(path: str | Path | Traversable) -> DeviceProfile:
     path = Path(path) if isinstance(path, str) else path
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise MvdError(f"{path}: cannot read device profile ({e.strerror or e})") from None
-    except yaml.YAMLError:
-        raise MvdError(f"{path}: not valid YAML") from None
-    s = ConfigSection(data, str(path))
+    s = ConfigSection(load_yaml(path, "device profile"), str(path))
     name = s.get("name", str)
     backend = s.get("backend", str)
     if backend not in BACKEND_NAMES:
@@ -155,6 +146,6 @@ def load_device_profile(path: str | Path | Traversable) -> DeviceProfile:
     return profile
 
 
-def resolve_target(target: str) -> DeviceProfile:
-    """A --target value: a shipped profile's name (``xiaomi-14-pro``), or a path to a profile YAML."""
-    return load_device_profile(resolve_yaml(target, DEVICE_PROFILES, "--target", "target", "profile"))
+def resolve_target(target: str | Path) -> DeviceProfile:
+    """A target: a shipped profile's name (``xiaomi-14-pro``), or a path to a profile YAML."""
+    return load_device_profile(resolve_yaml(target, DEVICE_PROFILES, "target", "target", "profile"))

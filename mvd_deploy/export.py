@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import gc
 import hashlib
+import logging
 import platform
 import time
 from importlib import metadata
@@ -23,10 +24,11 @@ import torch
 
 from mvd_deploy.build import BUILD_FORMAT, MANIFEST, Build, sha256_file
 from mvd_deploy.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from mvd_deploy.deploy import deploy
+from mvd_deploy.deploy import Deployment, deploy_checkpoint
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.fileio import atomic_output_dir, check_output_dir, write_json
-from mvd_deploy.onnx_tools import Float32IO, check_onnx, compare, describe_io, export_onnx, run_onnx, simplify_onnx
+from mvd_deploy.metrics import compare
+from mvd_deploy.onnx_tools import Float32IO, check_onnx, describe_io, export_onnx, run_onnx, simplify_onnx
 from mvd_deploy.progress import Stages
 from mvd_deploy.recipe import recipe_file
 from mvd_deploy.stages import stage_table
@@ -38,6 +40,7 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 MIN_PSNR_DB = {"fp32": 80.0, "fp16": 40.0}
 VALIDATION_SEED = 0
 TOOLCHAIN = ("torch", "diffusers", "onnx", "onnxscript", "onnxruntime", "onnxsim", "qai-hub", "safetensors")
+logger = logging.getLogger(__name__)
 
 
 def toolchain_versions() -> dict[str, str | None]:
@@ -65,14 +68,17 @@ def parse_components(value: str | list[str] | None) -> list[str] | None:
     names = [n.strip() for n in value.split(",")] if isinstance(value, str) else list(value)
     for name in names:
         if name not in COMPONENTS:
-            raise MvdError(f"--components: unknown component {name!r}; known: {', '.join(COMPONENTS)}")
+            raise MvdError(
+                f"components: unknown component {name!r}; known: {', '.join(COMPONENTS)}", parameter="components"
+            )
     if not names or len(set(names)) != len(names):
-        raise MvdError("--components: name each component once")
+        raise MvdError("components: name each component once", parameter="components")
     return names
 
 
 def export_build(
     checkpoint: str | Path,
+    *,
     out: str | Path,
     recipe: str | Path | None = None,
     components: list[str] | str | None = None,
@@ -81,56 +87,70 @@ def export_build(
     taesd_dir: str | Path | None = None,
     decoder_seed: int = 0,
     min_psnr_db: float | None = None,
-    quiet: bool = False,
-) -> dict:
-    """Export ``checkpoint`` into the build directory ``out``; returns the manifest."""
+) -> Build:
+    """Export ``checkpoint``'s deploy model into the new build directory ``out``: one ONNX model per
+    component (``components``, default every one the passes make), validated against PyTorch (PSNR
+    at least ``min_psnr_db``, default per ``precision``). ``recipe`` deploys the checkpoint at another
+    video size, steps, conditioning or pass list; the other options are :func:`deploy_checkpoint`'s.
+    Nothing is written unless every component passed."""
     if precision not in PRECISIONS:
-        raise MvdError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise MvdError(f"precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}", parameter="precision")
     components = parse_components(components)
     out = check_output_dir(Path(out))
     threshold = MIN_PSNR_DB[precision] if min_psnr_db is None else min_psnr_db
     start = time.perf_counter()
 
-    pipeline, pass_results, info = deploy(
-        checkpoint, None, keep_conditioning_inputs, taesd_dir, decoder_seed, quiet=quiet, recipe=recipe
+    deployment = deploy_checkpoint(
+        checkpoint,
+        keep_conditioning_inputs=keep_conditioning_inputs,
+        taesd_dir=taesd_dir,
+        decoder_seed=decoder_seed,
+        recipe=recipe,
     )
+    pipeline = deployment.pipeline
     available = list(pipeline.components())
     components = components or available
     for name in components:
         if name not in available:
-            raise MvdError(f"--components: {name!r} is not in this deployment (its passes make {', '.join(available)})")
-
-    manifest = {
-        "format": BUILD_FORMAT,
-        "format_version": BUILD_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "checkpoint": str(checkpoint),
-        "model": info.spec.name,
-        "recipe": str(recipe) if recipe else None,
-        "precision": precision,
-        "conditioning": "inputs" if not pipeline.unet.conditioning_folded else "folded",
-        "video": info.spec.mobilevd.video.__dict__,
-        "checkpoint_sha256": {f: sha256_file(Path(checkpoint) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)},
-        "recipe_sha256": hashlib.sha256(recipe_file(recipe).read_bytes()).hexdigest() if recipe else None,
-        "stages": stage_table(info.spec),
-        "passes": [r.to_dict() for r in pass_results],
-        "components": {},
-        "compiled": {},
-        "toolchain": toolchain_versions(),
-    }
+            raise MvdError(
+                f"components: {name!r} is not in this deployment (its passes make {', '.join(available)})",
+                parameter="components",
+            )
+    manifest = _manifest(checkpoint, recipe, precision, deployment)
     # Inputs and FLOPs first: each component's PyTorch model is freed once it is exported.
     inputs = {name: component_inputs(pipeline, name) for name in components}
     flops = {name: pipeline.flops(name) for name in components}
     with atomic_output_dir(out) as tmp:
         for name in components:
-            record = _export_component(pipeline, name, inputs[name], precision, threshold, tmp, quiet)
+            record = _export_component(pipeline, name, inputs[name], precision, threshold, tmp)
             manifest["components"][name] = record | {"flops": flops[name]}
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
         write_json(tmp / MANIFEST, manifest)
-        build = Build(tmp)
-        build.save_manifest()  # with every file's sha256 and size
-        manifest = build.manifest
-    return manifest
+        Build(tmp).save_manifest()  # with every file's sha256 and size
+    return Build(out)
+
+
+def _manifest(checkpoint: str | Path, recipe: str | Path | None, precision: str, deployment: Deployment) -> dict:
+    """The build manifest before any component is exported: where it came from, Table 8, the pass log."""
+    spec = deployment.checkpoint.spec
+    return {
+        "format": BUILD_FORMAT,
+        "format_version": BUILD_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "checkpoint": str(checkpoint),
+        "model": spec.name,
+        "recipe": str(recipe) if recipe else None,
+        "precision": precision,
+        "conditioning": "inputs" if not deployment.pipeline.unet.conditioning_folded else "folded",
+        "video": spec.mobilevd.video.__dict__,
+        "checkpoint_sha256": {f: sha256_file(Path(checkpoint) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)},
+        "recipe_sha256": hashlib.sha256(recipe_file(recipe).read_bytes()).hexdigest() if recipe else None,
+        "stages": stage_table(spec),
+        "passes": [r.to_dict() for r in deployment.passes],
+        "components": {},
+        "compiled": {},
+        "toolchain": toolchain_versions(),
+    }
 
 
 def release_memory() -> None:
@@ -140,8 +160,8 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _export_component(pipeline, name, inputs, precision: str, threshold: float, directory: Path, quiet: bool) -> dict:
-    stages = Stages(4, quiet=quiet, name=f"export {name}")
+def _export_component(pipeline, name, inputs, precision: str, threshold: float, directory: Path) -> dict:
+    stages = Stages(4, logger, name=f"export {name}")
     module = getattr(pipeline, name)
     path = directory / f"{name}.onnx"
     params = sum(p.numel() for p in module.parameters())

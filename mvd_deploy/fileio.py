@@ -10,7 +10,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +18,56 @@ from mvd_deploy.errors import MvdError
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, option: str = "--out") -> Iterator[Path]:
+def staged_dir(
+    target: Path, *, staging: Path | None = None, label: str = "", swap: Callable[[Path, Path], object] | None = None
+) -> Iterator[Path]:
+    """Yield a new private directory; when the block completes, it becomes ``target`` in one step
+    (``swap``, default :func:`swap_in`); on any failure or interruption it is removed and ``target``
+    is untouched.
+
+    The one way outputs are written: staged beside ``target`` (``.<name>.partial-…``), or in
+    ``staging`` (on the same filesystem: the swap is a rename), never half in place.
+    """
+    if staging is None:
+        tmp = owned_temp_dir(target.parent, f".{target.name}.partial-", label)
+    else:
+        staging.mkdir(exist_ok=True)
+        tmp = owned_temp_dir(staging, "", label)
+    try:
+        yield tmp
+        (swap or swap_in)(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_in(staged: Path, target: Path) -> None:
+    """Move the completed directory ``staged`` to ``target``; an old ``target`` is moved aside first
+    and removed after, so a reader sees the old directory or the new one, never a mix."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if target.exists():
+        old = owned_temp_dir(target.parent, f".{target.name}.old-")
+        os.replace(target, old / target.name)
+    os.replace(staged, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, parameter: str = "out") -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; move it to ``out`` only if the block completes.
 
     An existing non-empty ``out`` is refused (we never mix a new build with an old one); on any
     failure or interruption the temporary directory is removed and ``out`` is untouched.
     """
-    out = check_output_dir(out, option)
-    try:
-        tmp = owned_temp_dir(out.parent, f".{out.name}.partial-")
-    except OSError as e:
-        raise MvdError(f"{option} {out}: cannot write there ({e.strerror or e})") from None
-    try:
+    out = check_output_dir(out, parameter)
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(staged_dir(out))
+        except OSError as e:
+            raise MvdError(f"{parameter} {out}: cannot write there ({e.strerror or e})", parameter=parameter) from None
         yield tmp
         umask_permissions(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # Temporary directories carry their owner (host and pid) in their name: a run killed outright
@@ -74,17 +104,22 @@ def _running(pid: int) -> bool:
     return True
 
 
-def check_output_dir(out: Path, option: str = "--out") -> Path:
-    """Fail early (before any long work) when ``out`` cannot become a new output directory."""
+def check_output_dir(out: Path, parameter: str = "out") -> Path:
+    """Fail early (before any long work) when ``out`` (the argument ``parameter``) cannot become a
+    new output directory."""
     out = Path(out)
+
+    def refused(why: str) -> MvdError:
+        return MvdError(f"{parameter} {out}: {why}", parameter=parameter)
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MvdError(f"{option} {out}: already exists and is not empty; choose a new directory")
+        raise refused("already exists and is not empty; choose a new directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise MvdError(f"{option} {out}: cannot write there ({e.strerror or e})") from None
+        raise refused(f"cannot write there ({e.strerror or e})") from None
     if not os.access(out.parent, os.W_OK):
-        raise MvdError(f"{option} {out}: cannot write there (no write permission on {out.parent})")
+        raise refused(f"cannot write there (no write permission on {out.parent})")
     return out
 
 

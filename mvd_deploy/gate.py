@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mvd_deploy.device_profiles import DeviceProfile
+from mvd_deploy.device_profiles import DeviceProfile, resolve_target
 from mvd_deploy.errors import MvdError
 from mvd_deploy.fileio import load_json
 
@@ -146,7 +146,7 @@ def write_junit(report: dict, path: Path) -> None:
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
-def markdown(report: dict) -> str:
+def markdown_summary(report: dict) -> str:
     verdict = "✅ within budget" if report["passed"] else f"❌ {report['failures']} over budget"
     if report.get("not_measured"):
         verdict += f" (➖ {report['not_measured']} not measured)"
@@ -167,16 +167,45 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_gate(
-    profile_path: str | Path, budget: DeviceProfile, junit: Path | None = None, markdown_path: Path | None = None
-) -> dict:
-    """Gate a profile file; writes JUnit XML and Markdown beside it unless paths are given."""
-    profile_path = Path(profile_path)
+@dataclass
+class GateReport:
+    """A profile checked against a device profile's budgets (:func:`gate_profile`)."""
+
+    target: str | None
+    form: str | None
+    budget: str  # the device profile the budgets came from
+    passed: bool
+    failures: int
+    not_measured: int
+    checks: list[Check]
+    junit: str | None = None  # where the JUnit XML and Markdown summary were written
+    markdown: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """The Markdown summary (as written to ``markdown``)."""
+        return markdown_summary(self.to_json())
+
+
+def gate_profile(
+    profile_json: str | Path,
+    *,
+    budget: DeviceProfile | str | Path,
+    junit: str | Path | None = None,
+    markdown: str | Path | None = None,
+) -> GateReport:
+    """Check the profile file ``profile_json`` against ``budget`` (a device profile, its name or path);
+    writes JUnit XML and a Markdown summary beside the profile unless ``junit``/``markdown`` say where."""
+    if not isinstance(budget, DeviceProfile):
+        budget = resolve_target(budget)
+    profile_path = Path(profile_json)
     profile = load_profile(profile_path)
     report = gate_report(profile, budget, gate(profile, budget))
-    junit = junit or profile_path.with_suffix(".junit.xml")
-    markdown_path = markdown_path or profile_path.with_suffix(".gate.md")
+    junit = Path(junit) if junit else profile_path.with_suffix(".junit.xml")
+    markdown_path = Path(markdown) if markdown else profile_path.with_suffix(".gate.md")
     write_junit(report, junit)
-    markdown_path.write_text(markdown(report))
+    markdown_path.write_text(markdown_summary(report))
     report["junit"], report["markdown"] = str(junit), str(markdown_path)
-    return report
+    return GateReport(**{**report, "checks": [Check(**c) for c in report["checks"]]})

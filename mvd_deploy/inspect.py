@@ -7,15 +7,19 @@ header), so full-size models inspect in seconds without allocating weights.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mvd_deploy.checkpoint import WEIGHTS_FILE, check_weights, read_checkpoint_info
+from mvd_deploy.checkpoint import WEIGHTS_FILE, read_checkpoint_info
 from mvd_deploy.errors import MvdError
-from mvd_deploy.flops import count_model_flops, with_resolved_gates
+from mvd_deploy.flops import count_model_flops
 from mvd_deploy.model.funnel import FunnelLinear
 from mvd_deploy.model.unet import MobileVDUNet
+from mvd_deploy.pruning import with_resolved_gates
 from mvd_deploy.recipe import VAE_SCALE_FACTOR, load_recipe
 from mvd_deploy.shipped import MODELS, looks_like_path, shipped_file, shipped_names
+from mvd_deploy.stages import stage_table
+from mvd_deploy.weights import check_weights
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -49,82 +53,112 @@ def _read_target(target: str | Path):
 
 def inspect_stages(target: str | Path) -> list[dict]:
     """The paper's Table 8 stages for a recipe or checkpoint (its own gates, funnels, multiscaling)."""
-    from mvd_deploy.stages import stage_table
-
     spec, *_ = _read_target(target)
     return stage_table(spec)
 
 
-def inspect_model(target: str | Path) -> dict:
-    spec, kind, dtype, info = _read_target(target)
+@dataclass
+class ModelInspection:
+    """What :func:`inspect_model` found: sizes, shapes, temporal blocks, funnels and FLOPs of one UNet call."""
 
+    source: str
+    kind: str  # "checkpoint" | "recipe"
+    name: str
+    form: str
+    params: int
+    bytes: int
+    dtype: str
+    components: dict[str, dict]
+    latent_shape: list[int]
+    nfe: int
+    levels: list[dict]  # per UNet level: frames and latent size (temporal multiscaling halves frames)
+    temporal_multiscaling: bool
+    funnels: dict
+    temporal_blocks: dict
+    flops: int
+    tflops: float
+    flops_by_part: dict[str, int]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def inspect_model(target: str | Path) -> ModelInspection:
+    """Parameters, shapes, temporal blocks and FLOPs of a checkpoint directory, a recipe file or a
+    shipped model's name, computed on the meta device (no weights loaded)."""
+    spec, kind, dtype, info = _read_target(target)
     model = MobileVDUNet.build(spec, device="meta")
     if kind == "checkpoint":
         check_weights(info.path / WEIGHTS_FILE, info.weights, model, dtype)
-    bytes_per = _BYTES[dtype]
     gates = spec.mobilevd.temporal_gates
-    params_by_part: dict[str, int] = defaultdict(int)
-    funnel_params = temporal_params = 0
-    for name, p in model.named_parameters():
-        params_by_part[_part(name)] += p.numel()
-        if name.endswith(".funnel"):
-            funnel_params += p.numel()
-        if _temporal_gate(name, gates):
-            temporal_params += p.numel()
+    params_by_part, funnel_params, temporal_params = _params_by_part(model, gates)
     params = sum(params_by_part.values())
-
     flops = count_model_flops(model)
-    flops_by_part: dict[str, int] = defaultdict(int)
-    for name, value in flops.per_module.items():
-        if "." not in name or (name.count(".") == 1 and name.split(".")[0] in ("down_blocks", "up_blocks")):
-            flops_by_part[_part(name)] += value
-
-    video = spec.mobilevd.video
-    h, w = video.height // VAE_SCALE_FACTOR, video.width // VAE_SCALE_FACTOR
-    frames = model.level_frames()
-    levels = [{"level": f"down_blocks.{i}", "frames": f, "latent_hw": [h >> i, w >> i]} for i, f in enumerate(frames)]
-    levels.append(
-        {"level": "mid_block", "frames": frames[-1], "latent_hw": [h >> (len(frames) - 1), w >> (len(frames) - 1)]}
-    )
-
-    funnels = [m for m in model.modules() if isinstance(m, FunnelLinear)]
     kept = [n for n, g in gates.items() if g.keep]
-    return {
-        "source": str(target),
-        "kind": kind,
-        "name": spec.name,
-        "form": "train-time",
-        "params": params,
-        "bytes": params * bytes_per,
-        "dtype": dtype,
-        "components": {
+    return ModelInspection(
+        source=str(target),
+        kind=kind,
+        name=spec.name,
+        form="train-time",
+        params=params,
+        bytes=params * _BYTES[dtype],
+        dtype=dtype,
+        components={
             "unet": {
                 "params": params,
-                "bytes": params * bytes_per,
-                "parts": dict(params_by_part),
+                "bytes": params * _BYTES[dtype],
+                "parts": params_by_part,
                 "funnel_params": funnel_params,
                 "temporal_params": temporal_params,
             }
         },
-        "latent_shape": list(spec.latent_shape),
-        "nfe": spec.mobilevd.nfe,
-        "levels": levels,
-        "temporal_multiscaling": spec.mobilevd.temporal_multiscaling,
-        "funnels": {
+        latent_shape=list(spec.latent_shape),
+        nfe=spec.mobilevd.nfe,
+        levels=_levels(model, spec),
+        temporal_multiscaling=spec.mobilevd.temporal_multiscaling,
+        funnels={
             "fun_factor": spec.mobilevd.fun_factor,
             "layers": list(spec.mobilevd.funnel_layers),
-            "funnelled_linears": len(funnels),
+            "funnelled_linears": sum(isinstance(m, FunnelLinear) for m in model.modules()),
         },
-        "temporal_blocks": {
-            "total": len(gates),
-            "kept": len(kept),
-            "pruned": len(gates) - len(kept),
-            "kept_names": kept,
-        },
-        "flops": flops.total,
-        "tflops": flops.tflops,
-        "flops_by_part": dict(flops_by_part),
-    }
+        temporal_blocks={"total": len(gates), "kept": len(kept), "pruned": len(gates) - len(kept), "kept_names": kept},
+        flops=flops.total,
+        tflops=flops.tflops,
+        flops_by_part=_flops_by_part(flops),
+    )
+
+
+def _params_by_part(model, gates) -> tuple[dict[str, int], int, int]:
+    """Parameters per top-level part, and how many are funnels' and temporal blocks'."""
+    by_part: dict[str, int] = defaultdict(int)
+    funnel = temporal = 0
+    for name, p in model.named_parameters():
+        by_part[_part(name)] += p.numel()
+        if name.endswith(".funnel"):
+            funnel += p.numel()
+        if _temporal_gate(name, gates):
+            temporal += p.numel()
+    return dict(by_part), funnel, temporal
+
+
+def _flops_by_part(flops) -> dict[str, int]:
+    """FLOPs per top-level part (each counted once: a part's modules are inside it)."""
+    by_part: dict[str, int] = defaultdict(int)
+    for name, value in flops.per_module.items():
+        if "." not in name or (name.count(".") == 1 and name.split(".")[0] in ("down_blocks", "up_blocks")):
+            by_part[_part(name)] += value
+    return dict(by_part)
+
+
+def _levels(model, spec) -> list[dict]:
+    """Frames and latent size at each UNet level (temporal multiscaling halves the frames)."""
+    video = spec.mobilevd.video
+    h, w = video.height // VAE_SCALE_FACTOR, video.width // VAE_SCALE_FACTOR
+    frames = model.level_frames()
+    levels = [{"level": f"down_blocks.{i}", "frames": f, "latent_hw": [h >> i, w >> i]} for i, f in enumerate(frames)]
+    depth = len(frames) - 1
+    levels.append({"level": "mid_block", "frames": frames[-1], "latent_hw": [h >> depth, w >> depth]})
+    return levels
 
 
 def _human(n: float, unit: str = "") -> str:

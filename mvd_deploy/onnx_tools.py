@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,6 @@ import torch
 from torch import nn
 
 OPSET = 18
-PSNR_IDENTICAL_DB = 200.0  # reported for bit-identical outputs (keeps JSON finite)
 
 
 class Float32IO(nn.Module):
@@ -207,22 +205,3 @@ def ort_session(path: Path, optimization: str = "basic", optimized_path: Path | 
 def run_onnx(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
     session = ort_session(path, arena=False)
     return session.run(None, inputs)[0]
-
-
-def psnr_db(output: np.ndarray, reference: np.ndarray) -> float:
-    """PSNR of ``output`` against ``reference``, peak = the reference's range (max − min)."""
-    output, reference = np.asarray(output, np.float64), np.asarray(reference, np.float64)
-    mse = float(np.mean((output - reference) ** 2))
-    peak = float(reference.max() - reference.min())
-    if not math.isfinite(mse):
-        return -math.inf
-    if mse == 0.0 or peak == 0.0:
-        return PSNR_IDENTICAL_DB if mse == 0.0 else -math.inf
-    return min(10 * math.log10(peak**2 / mse), PSNR_IDENTICAL_DB)
-
-
-def compare(output: np.ndarray, reference: np.ndarray) -> dict:
-    return {
-        "psnr_db": round(psnr_db(output, reference), 2),
-        "max_abs_error": float(np.max(np.abs(np.asarray(output, np.float64) - reference))),
-    }

@@ -31,7 +31,8 @@ from mvd_deploy.build import Build, Graph
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.fileio import umask_permissions
 from mvd_deploy.htp import WEIGHT_BYTES, check_fits, weight_elements
-from mvd_deploy.onnx_tools import compare, describe_io, ort_session
+from mvd_deploy.metrics import compare
+from mvd_deploy.onnx_tools import describe_io, ort_session
 
 CHAIN_MIN_PSNR_DB = 80.0
 WINDOW = 0.25  # a cut may move this share of one part's weights away from the balanced point
@@ -259,19 +260,14 @@ def split_component(build: Build, component: str, parts: int) -> list[Graph]:
         return build.graphs(component)
     if existing and existing.get("count") == parts:
         return build.graphs(component)
-    staged = build.staging_dir(f"parts-{component}")
     relative = f"{PARTS_DIR}/{component}"
-    try:
+    with build.staged(relative, label=f"parts-{component}") as staged:
         graphs = split_onnx(build.onnx_path(component), staged, parts)
         for graph in graphs:
             graph["onnx"] = f"{relative}/{graph['name']}.onnx"
             graph["data"] = f"{relative}/{graph['name']}.data"
         chain = _check_chain(build, component, staged, graphs)
         umask_permissions(staged)
-        build.replace_dir(staged, relative)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-        build.clean_staging()
     record["parts"] = {"count": parts, "graphs": graphs, "chain_validation": chain}
     build.save_manifest()
     return build.graphs(component)

@@ -1,18 +1,31 @@
-"""Staged progress lines on stderr, so long steps show where they are (stdout stays for results)."""
+"""Progress of long steps: staged lines through module loggers, and tqdm bars on stderr.
+
+Like any library, mvd_deploy shows nothing by default: its INFO records reach no handler (Python's
+last-resort handler shows WARNING and above) until the application gives the ``mvd_deploy`` logger
+one: the CLI does (:func:`show_progress`), a notebook may too. Bars follow the same switch: a bar is
+drawn only where its module logger's INFO records are. The root logger is never touched.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+
+from tqdm import tqdm
+
+PACKAGE_LOGGER = "mvd_deploy"
 
 
 class Stages:
-    def __init__(self, total: int, quiet: bool = False, name: str = ""):
-        self.total, self.done, self.quiet = total, 0, quiet
+    """Numbered stages of one long step: ``[name 1/3] text ...`` and ``[name 1/3] text: done in 2.0 s``."""
+
+    def __init__(self, total: int, logger: logging.Logger, name: str = ""):
+        self.total, self.done, self.logger = total, 0, logger
         self.name = f"{name} " if name else ""
 
     @contextlib.contextmanager
@@ -20,13 +33,48 @@ class Stages:
         self.done += 1
         start = time.perf_counter()
         tag = f"[{self.name}{self.done}/{self.total}]"
-        self._say(f"{tag} {text} ...")
+        self.logger.info("%s %s ...", tag, text)
         yield
-        self._say(f"{tag} {text}: done in {time.perf_counter() - start:.1f} s{_memory()}")
+        self.logger.info("%s %s: done in %.1f s%s", tag, text, time.perf_counter() - start, _memory())
 
-    def _say(self, line: str) -> None:
-        if not self.quiet:
-            print(line, file=sys.stderr, flush=True)
+
+def progress_bar(logger: logging.Logger, iterable: Iterable | None = None, **options) -> tqdm:
+    """A tqdm bar on stderr, drawn only where ``logger``'s INFO records are shown."""
+    return tqdm(iterable, file=sys.stderr, disable=not logger.isEnabledFor(logging.INFO), **options)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (a test runner may swap it)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+@contextlib.contextmanager
+def show_progress(level: int = logging.INFO) -> Iterator[logging.Handler]:
+    """Show mvd_deploy's progress lines on stderr (message only) for the block, then restore the
+    ``mvd_deploy`` logger as it was. For a script or notebook: ``with show_progress(): export_build(...)``."""
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    previous = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False  # shown once here, not again by handlers an application gave the root logger
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous[0])
+        logger.propagate = previous[1]
 
 
 def _memory() -> str:

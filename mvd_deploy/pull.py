@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from mvd_deploy.backends import qai_hub as hub_backend
 from mvd_deploy.build import Build, sha256_file
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.fileio import atomic_output_dir, check_output_dir, write_json
@@ -31,15 +33,39 @@ def _inside(build: Path, relative: str, key: str) -> Path:
     return path
 
 
-def pull(source: str, out: str | Path, targets: list[str] | None = None) -> dict:
+@dataclass
+class PullResult:
+    """What :func:`pull_build` wrote: the directory ``out`` and its manifest (``artifacts.json``)."""
+
+    out: Path
+    manifest: dict
+
+    @property
+    def files(self) -> dict[str, dict]:
+        """Pulled file (relative to ``out``) → {sha256, bytes}."""
+        return self.manifest["files"]
+
+    def to_json(self) -> dict:
+        return self.manifest
+
+
+def pull_build(
+    source: str | Path | Build, *, out: str | Path, targets: list[str] | tuple[str, ...] | None = None
+) -> PullResult:
+    """Copy compiled artifacts into the new directory ``out``, every file's sha256 verified: from a
+    build (every compiled form, or only the ``targets``' ones), or an AI Hub compile job id's model."""
+    out = Path(out)
+    targets = list(targets) if targets else None
+    if isinstance(source, Build):
+        return PullResult(out, _pull_from_build(source.path, out, targets))
     if Path(source).is_dir():
-        return pull_build(Path(source), Path(out), targets)
-    if _JOB_ID.match(source):
-        return pull_hub_job(source, Path(out))
-    raise MvdError(f"SOURCE {source}: neither a build directory nor an AI Hub compile job id")
+        return PullResult(out, _pull_from_build(Path(source), out, targets))
+    if _JOB_ID.match(str(source)):
+        return PullResult(out, _pull_hub_job(str(source), out))
+    raise MvdError(f"source {source}: neither a build directory nor an AI Hub compile job id", parameter="source")
 
 
-def pull_build(source: Path, out: Path, targets: list[str] | None = None) -> dict:
+def _pull_from_build(source: Path, out: Path, targets: list[str] | None) -> dict:
     build = Build(source)
     check_output_dir(out)
     compiled = build.manifest.get("compiled", {})
@@ -114,17 +140,18 @@ def graph_contracts(build: Build, record: dict) -> dict[str, list[dict]]:
     return contracts
 
 
-def pull_hub_job(job_id: str, out: Path) -> dict:
+def _pull_hub_job(job_id: str, out: Path) -> dict:
     """One AI Hub compile job's model (an ONNX-type target unpacked from its .zip), with its I/O as
     compiled."""
-    from mvd_deploy.backends.qai_hub import _client, hub_session, unpack_model
-
     check_output_dir(out)
-    hub = _client()
-    with hub_session(hub), atomic_output_dir(out) as tmp:
+    hub = hub_backend.hub_client()
+    with hub_backend.hub_session(hub), atomic_output_dir(out) as tmp:
         job = hub.get_job(job_id)
         if job.job_type != "compile":
-            raise MvdError(f"SOURCE {job_id}: AI Hub job {job_id} is not a compile job ({job.job_type} job, {job.url})")
+            raise MvdError(
+                f"source {job_id}: AI Hub job {job_id} is not a compile job ({job.job_type} job, {job.url})",
+                parameter="source",
+            )
         status = job.get_status()
         if not status.success:
             raise ValidationFailed(
@@ -132,7 +159,7 @@ def pull_hub_job(job_id: str, out: Path) -> dict:
             )
         written = Path(job.download_target_model(str(tmp / "model")))  # the client adds the server's extension
         if written.suffix == ".zip":
-            written = unpack_model(written, tmp / "model")
+            written = hub_backend.unpack_model(written, tmp / "model")
         shapes = job.get_target_shapes() or {}
         model = job.get_target_model()
         files = sorted(p for p in tmp.rglob("*") if p.is_file())

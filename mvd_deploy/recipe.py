@@ -16,17 +16,13 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mvd_deploy.errors import MvdError
+from mvd_deploy.config import ConfigSection, load_yaml
 from mvd_deploy.shipped import MODELS, resolve_yaml
 
 FUNNEL_LAYER_KINDS = ("spatial_self_attention", "temporal_self_attention")
 TEMPORAL_BLOCK_KINDS = ("resnet", "transformer")
 VAE_SCALE_FACTOR = 8  # SVD's VAE: 8x spatial downsampling, 4 latent channels
 LATENT_CHANNELS = 4
-
-_MISSING = object()
 
 
 def unet_defaults() -> dict[str, Any]:
@@ -38,57 +34,6 @@ def unet_defaults() -> dict[str, Any]:
         for name, p in params.items()
         if name != "self"
     }
-
-
-class ConfigSection:
-    """Reads one mapping of a recipe/config, naming ``source: key 'a.b'`` in every error."""
-
-    def __init__(self, data: Any, source: str, prefix: str = ""):
-        self.source, self.prefix = source, prefix
-        if not isinstance(data, dict):
-            raise self.error(prefix.rstrip(".") or "<top level>", f"must be a mapping, got {type(data).__name__}")
-        self.data = data
-        self.read: set[str] = set()
-
-    def error(self, key: str, why: str) -> MvdError:
-        return MvdError(f"{self.source}: key '{key}': {why}")
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}{name}"
-
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
-        self.read.add(name)
-        if name not in self.data:
-            if default is _MISSING:
-                raise self.error(self.key(name), "is missing")
-            return default
-        value = self.data[name]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        # bool is an int in Python; a recipe saying `frames: true` is a mistake.
-        if isinstance(value, bool) and bool not in kinds:
-            ok = False
-        elif float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        else:
-            ok = isinstance(value, kinds)
-        if not ok:
-            names = " or ".join(k.__name__ for k in kinds)
-            raise self.error(self.key(name), f"must be {names}, got {value!r}")
-        return value
-
-    def section(self, name: str, default: Any = _MISSING) -> ConfigSection:
-        value = self.get(name, dict, default)
-        return ConfigSection(value, self.source, self.key(name) + ".")
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.read)
-        if unknown:
-            raise self.error(self.key(unknown[0]), "is not a known setting (a typo?)")
-
-
-def _check(section: ConfigSection, name: str, ok: bool, why: str) -> None:
-    if not ok:
-        raise section.error(section.key(name), why)
 
 
 @dataclass(frozen=True)
@@ -134,7 +79,7 @@ class MobileVDConfig:
     funnel_layers: tuple[str, ...]
     temporal_multiscaling: bool
     temporal_prune_fraction: float
-    # The deploy passes, in order (mvd_deploy.passes); None means all of them.
+    # The deploy passes' names, in order (mvd_deploy.passes); None means all of them.
     deploy_passes: tuple[str, ...] | None = None
     # None until resolved: a recipe prunes cheapest-first; a checkpoint carries trained gates.
     temporal_gates: dict[str, TemporalGate] | None = None
@@ -170,13 +115,12 @@ def _read_video(s: ConfigSection) -> Video:
     video = Video(width=s.get("width", int), height=s.get("height", int), frames=s.get("frames", int))
     for name in ("width", "height"):
         value = getattr(video, name)
-        _check(
-            s,
+        s.check(
             name,
             value > 0 and value % (VAE_SCALE_FACTOR * 8) == 0,
             f"must be a positive multiple of 64 (8x VAE, 8x UNet), got {value}",
         )
-    _check(s, "frames", video.frames >= 1, f"must be at least 1, got {video.frames}")
+    s.check("frames", video.frames >= 1, f"must be at least 1, got {video.frames}")
     s.finish()
     return video
 
@@ -197,7 +141,7 @@ def _read_gates(s: ConfigSection) -> dict[str, TemporalGate]:
     for name in s.data:
         g = s.section(name)
         kind = g.get("kind", str)
-        _check(g, "kind", kind in TEMPORAL_BLOCK_KINDS, f"must be one of {list(TEMPORAL_BLOCK_KINDS)}, got {kind!r}")
+        g.check("kind", kind in TEMPORAL_BLOCK_KINDS, f"must be one of {list(TEMPORAL_BLOCK_KINDS)}, got {kind!r}")
         gates[name] = TemporalGate(kind=kind, importance=g.get("importance", float), keep=g.get("keep", bool))
         g.finish()
     return gates
@@ -206,34 +150,28 @@ def _read_gates(s: ConfigSection) -> dict[str, TemporalGate]:
 def _read_mobilevd(s: ConfigSection) -> MobileVDConfig:
     video = _read_video(s.section("video"))
     nfe = s.get("nfe", int)
-    _check(s, "nfe", nfe >= 1, f"must be at least 1, got {nfe}")
+    s.check("nfe", nfe >= 1, f"must be at least 1, got {nfe}")
     conditioning = _read_conditioning(s.section("conditioning"))
     fun_factor = s.get("fun_factor", float, 1.0)
-    _check(s, "fun_factor", 0.0 < fun_factor <= 1.0, f"must be in (0, 1], got {fun_factor}")
+    s.check("fun_factor", 0.0 < fun_factor <= 1.0, f"must be in (0, 1], got {fun_factor}")
     layers = s.get("funnel_layers", list, [])
     for kind in layers:
-        _check(
-            s,
+        s.check(
             "funnel_layers",
             kind in FUNNEL_LAYER_KINDS,
             f"entries must be among {list(FUNNEL_LAYER_KINDS)}, got {kind!r}",
         )
     multiscaling = s.get("temporal_multiscaling", bool, False)
-    _check(
-        s,
+    s.check(
         "temporal_multiscaling",
         not multiscaling or video.frames % 2 == 0,
         f"needs an even frame count (video.frames is {video.frames})",
     )
     prune = s.get("temporal_prune_fraction", float, 0.0)
-    _check(s, "temporal_prune_fraction", 0.0 <= prune <= 1.0, f"must be in [0, 1], got {prune}")
+    s.check("temporal_prune_fraction", 0.0 <= prune <= 1.0, f"must be in [0, 1], got {prune}")
+    # Names only: they are checked where the passes are made (passes.manager.make_passes).
     deploy_passes = s.get("deploy_passes", list, None)
     if deploy_passes is not None:
-        from mvd_deploy.passes import PASSES
-
-        for name in deploy_passes:
-            _check(s, "deploy_passes", name in PASSES, f"{name!r} is not a pass; known: {', '.join(PASSES)}")
-        _check(s, "deploy_passes", len(set(deploy_passes)) == len(deploy_passes), "names a pass twice")
         deploy_passes = tuple(deploy_passes)
     gates = _read_gates(s.section("temporal_gates")) if "temporal_gates" in s.data else None
     s.finish()
@@ -253,23 +191,20 @@ def _read_mobilevd(s: ConfigSection) -> MobileVDConfig:
 def read_unet_config(s: ConfigSection) -> dict[str, Any]:
     config = unet_defaults()
     for name, value in s.data.items():
-        _check(s, name, name in config, "is not a UNetSpatioTemporalConditionModel setting (see diffusers' signature)")
+        s.check(name, name in config, "is not a UNetSpatioTemporalConditionModel setting (see diffusers' signature)")
         config[name] = list(value) if isinstance(value, tuple) else value
     s.read.update(s.data)
     levels = len(config["block_out_channels"])
     heads = config["num_attention_heads"]
     heads = [heads] * levels if isinstance(heads, int) else heads
-    _check(s, "num_attention_heads", len(heads) == levels, f"needs one entry per level ({levels})")
+    s.check("num_attention_heads", len(heads) == levels, f"needs one entry per level ({levels})")
     for i, (width, h) in enumerate(zip(config["block_out_channels"], heads, strict=True)):
-        _check(
-            s,
+        s.check(
             "block_out_channels",
             width % 32 == 0,
             f"entry {i} ({width}) must be a multiple of 32 (GroupNorm with 32 groups)",
         )
-        _check(
-            s, "num_attention_heads", width % h == 0, f"entry {i} ({h}) must divide block_out_channels[{i}] ({width})"
-        )
+        s.check("num_attention_heads", width % h == 0, f"entry {i} ({h}) must divide block_out_channels[{i}] ({width})")
     return config
 
 
@@ -291,21 +226,11 @@ def spec_from_dict(data: Any, source: str, allow_gates: bool = True) -> ModelSpe
     return spec
 
 
-def recipe_file(recipe: str | Path, option: str = "--model") -> Path | Traversable:
+def recipe_file(recipe: str | Path) -> Path | Traversable:
     """A recipe value: a shipped model's name (``mobilevd``) or a path to a recipe YAML."""
-    return resolve_yaml(recipe, MODELS, option, "model", "recipe")
+    return resolve_yaml(recipe, MODELS, "recipe", "model", "recipe")
 
 
-def load_recipe(recipe: str | Path, option: str = "--model") -> ModelSpec:
-    path = recipe_file(recipe, option)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise MvdError(f"{path}: cannot read recipe ({e.strerror or e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise MvdError(f"{path}: not valid YAML{where}") from None
-    return spec_from_dict(data, str(path), allow_gates=False)
+def load_recipe(recipe: str | Path) -> ModelSpec:
+    path = recipe_file(recipe)
+    return spec_from_dict(load_yaml(path, "recipe"), str(path), allow_gates=False)

@@ -4,13 +4,12 @@ Table 8, latency per component and target, the slowest ops — and the tables be
 from __future__ import annotations
 
 import html
-import os
-import shutil
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 from mvd_deploy.build import Build, summary_rows
-from mvd_deploy.fileio import load_json, owned_temp_dir
+from mvd_deploy.fileio import load_json, staged_dir
 
 
 def _plt():
@@ -91,109 +90,135 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_report(build_dir: str | Path, out: str | Path | None = None) -> dict:
-    build = Build(build_dir)
+@dataclass
+class ReportResult:
+    """What :func:`write_report` wrote: the page and its plots (file names beside it)."""
+
+    report: Path
+    images: list[str]
+
+    def to_json(self) -> dict:
+        return {"report": str(self.report), "images": self.images}
+
+
+def write_report(build: Build | str | Path, *, out: str | Path | None = None) -> ReportResult:
+    """An HTML page with plots of ``build`` in ``out`` (default: BUILD/report, replaced whole): FLOPs
+    per stage beside the paper's Table 8, latency per component and target, the slowest ops, and the
+    tables behind them."""
+    build = build if isinstance(build, Build) else Build(build)
     out = Path(out) if out else build.path / "report"
-    profiles = (
-        [load_json(p, "profile") for p in sorted((build.path / "profiles").glob("*.json"))]
-        if (build.path / "profiles").is_dir()
-        else []
-    )
+    profiles = _profiles(build)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = owned_temp_dir(out.parent, f".{out.name}.partial-")
-    try:
-        images, sections = [], []
-        m = build.manifest
+    images: list[str] = []
+    with staged_dir(out) as tmp:
+        sections = [_header_section(build)]
+        sections += _stages_section(build.manifest.get("stages"), tmp, images)
+        sections += _latency_sections(profiles, tmp, images)
+        sections.append(_components_section(summary_rows(build)))
+        sections += _gates_section(build.manifest.get("gates", {}))
+        (tmp / "index.html").write_text(_page(sections))
+    return ReportResult(report=out / "index.html", images=images)
+
+
+def _profiles(build: Build) -> list[dict]:
+    directory = build.path / "profiles"
+    return [load_json(p, "profile") for p in sorted(directory.glob("*.json"))] if directory.is_dir() else []
+
+
+def _header_section(build: Build) -> str:
+    m = build.manifest
+    return (
+        f"<h1>mvd-deploy build: {html.escape(str(m.get('model')))}</h1>"
+        f"<p>{html.escape(str(build.path))} — precision {m.get('precision')}, conditioning "
+        f"{m.get('conditioning')}, created {m.get('created')}</p>"
+    )
+
+
+def _stages_section(stages: list[dict] | None, directory: Path, images: list[str]) -> list[str]:
+    if not stages:
+        return []
+    plot_stages(stages, directory / "stages.png")
+    images.append("stages.png")
+    table = _table(
+        ["stage", "NFE", "GFLOPs", "paper GFLOPs", "Δ %"],
+        [
+            [
+                s["stage"],
+                s["nfe"],
+                f"{s['flops'] / 1e9:,.1f}",
+                f"{s['paper_tflops'] * 1e3:,.0f}" if s["paper_tflops"] else "-",
+                f"{s['delta_pct']:+.1f}" if s["delta_pct"] is not None else "-",
+            ]
+            for s in stages
+        ],
+    )
+    return ["<h2>FLOPs per stage (paper Table 8)</h2><img src='stages.png' alt='FLOPs per stage'>" + table]
+
+
+def _latency_sections(profiles: list[dict], directory: Path, images: list[str]) -> list[str]:
+    timed = [p for p in profiles if p.get("total_latency_ms") is not None]  # not offline emulator ones
+    if not timed:
+        return []
+    plot_latency(timed, directory / "latency.png")
+    images.append("latency.png")
+    sections = ["<h2>Latency</h2><img src='latency.png' alt='latency per component'>"]
+    for profile in timed:
+        name = f"top_ops_{profile['target']}_{profile['form']}.png"
+        plot_top_ops(profile, directory / name)
+        images.append(name)
         sections.append(
-            f"<h1>mvd-deploy build: {html.escape(str(m.get('model')))}</h1>"
-            f"<p>{html.escape(str(build.path))} — precision {m.get('precision')}, conditioning "
-            f"{m.get('conditioning')}, created {m.get('created')}</p>"
+            f"<h3>Slowest ops: {html.escape(profile['target'])}/{html.escape(profile['form'])}"
+            f"</h3><img src='{name}' alt='slowest ops'>"
         )
-        stages = m.get("stages")
-        if stages:
-            plot_stages(stages, tmp / "stages.png")
-            images.append("stages.png")
-            sections.append(
-                "<h2>FLOPs per stage (paper Table 8)</h2><img src='stages.png' alt='FLOPs per stage'>"
-                + _table(
-                    ["stage", "NFE", "GFLOPs", "paper GFLOPs", "Δ %"],
-                    [
-                        [
-                            s["stage"],
-                            s["nfe"],
-                            f"{s['flops'] / 1e9:,.1f}",
-                            f"{s['paper_tflops'] * 1e3:,.0f}" if s["paper_tflops"] else "-",
-                            f"{s['delta_pct']:+.1f}" if s["delta_pct"] is not None else "-",
-                        ]
-                        for s in stages
-                    ],
-                )
-            )
-        timed = [p for p in profiles if p.get("total_latency_ms") is not None]  # not offline emulator ones
-        if timed:
-            plot_latency(timed, tmp / "latency.png")
-            images.append("latency.png")
-            sections.append("<h2>Latency</h2><img src='latency.png' alt='latency per component'>")
-            for profile in timed:
-                name = f"top_ops_{profile['target']}_{profile['form']}.png"
-                plot_top_ops(profile, tmp / name)
-                images.append(name)
-                sections.append(
-                    f"<h3>Slowest ops: {html.escape(profile['target'])}/{html.escape(profile['form'])}"
-                    f"</h3><img src='{name}' alt='slowest ops'>"
-                )
-        rows = summary_rows(build)
-        sections.append(
-            "<h2>Components and compiled forms</h2>"
-            + _table(
-                ["component", "form", "params", "TFLOPs", "PSNR dB", "p50 ms", "peak MB"],
+    return sections
+
+
+def _components_section(rows: list[dict]) -> str:
+    return "<h2>Components and compiled forms</h2>" + _table(
+        ["component", "form", "params", "TFLOPs", "PSNR dB", "p50 ms", "peak MB"],
+        [
+            [
+                r["component"],
+                r["form"],
+                f"{r['params']:,}",
+                f"{r['tflops']:.3f}",
+                "-" if r["psnr_db"] is None else r["psnr_db"],
+                "-" if r["p50_ms"] is None else r["p50_ms"],
+                "-" if r["peak_memory_mb"] is None else r["peak_memory_mb"],
+            ]
+            for r in rows
+        ],
+    )
+
+
+def _gates_section(gates: dict) -> list[str]:
+    if not gates:
+        return []
+    return [
+        "<h2>Gates</h2>"
+        + _table(
+            ["target/form", "component", "metric", "measured", "budget", "result"],
+            [
                 [
-                    [
-                        r["component"],
-                        r["form"],
-                        f"{r['params']:,}",
-                        f"{r['tflops']:.3f}",
-                        "-" if r["psnr_db"] is None else r["psnr_db"],
-                        "-" if r["p50_ms"] is None else r["p50_ms"],
-                        "-" if r["peak_memory_mb"] is None else r["peak_memory_mb"],
-                    ]
-                    for r in rows
-                ],
-            )
+                    key,
+                    c["component"],
+                    c["metric"],
+                    "-" if c["measured"] is None else c["measured"],
+                    c["budget"],
+                    "not measured" if c.get("not_measured") else "pass" if c["passed"] else "FAIL",
+                ]
+                for key, g in gates.items()
+                for c in g["checks"]
+            ],
         )
-        gates = m.get("gates", {})
-        if gates:
-            sections.append(
-                "<h2>Gates</h2>"
-                + _table(
-                    ["target/form", "component", "metric", "measured", "budget", "result"],
-                    [
-                        [
-                            key,
-                            c["component"],
-                            c["metric"],
-                            "-" if c["measured"] is None else c["measured"],
-                            c["budget"],
-                            "not measured" if c.get("not_measured") else "pass" if c["passed"] else "FAIL",
-                        ]
-                        for key, g in gates.items()
-                        for c in g["checks"]
-                    ],
-                )
-            )
-        page = (
-            "<!doctype html><html><head><meta charset='utf-8'><title>mvd-deploy report</title><style>"
-            "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
-            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style></head><body>"
-            + "".join(sections)
-            + "</body></html>"
-        )
-        (tmp / "index.html").write_text(page)
-        if out.exists():
-            old = owned_temp_dir(out.parent, f".{out.name}.old-")
-            os.replace(out, old / out.name)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"report": str(out / "index.html"), "images": images}
+    ]
+
+
+def _page(sections: list[str]) -> str:
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>mvd-deploy report</title><style>"
+        "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style></head><body>"
+        + "".join(sections)
+        + "</body></html>"
+    )

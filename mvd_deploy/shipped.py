@@ -38,12 +38,16 @@ def shipped_file(kind: str, name: str) -> Traversable | None:
     return entry if entry.is_file() else None
 
 
-def resolve_yaml(value: str | Path, kind: str, option: str, what: str, file_kind: str) -> Path | Traversable:
-    """``value`` as a path, or the shipped YAML of that name; an unknown name lists the known ones."""
+def resolve_yaml(value: str | Path, kind: str, parameter: str, what: str, file_kind: str) -> Path | Traversable:
+    """``value`` (the argument ``parameter``) as a path, or the shipped YAML of that name; an unknown
+    name lists the known ones."""
     if looks_like_path(value):
         return Path(value)
     entry = shipped_file(kind, str(value))
     if entry is None:
         known = ", ".join(shipped_names(kind))
-        raise MvdError(f"{option}: unknown {what} {str(value)!r}; known: {known} (or a path to a {file_kind} .yaml)")
+        raise MvdError(
+            f"{parameter}: unknown {what} {str(value)!r}; known: {known} (or a path to a {file_kind} .yaml)",
+            parameter=parameter,
+        )
     return entry

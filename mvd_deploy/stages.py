@@ -7,6 +7,7 @@ same passes the deployment uses), not by formula.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from mvd_deploy.flops import count_model_flops
 from mvd_deploy.model.unet import MobileVDUNet
@@ -32,16 +33,26 @@ PAPER_VIDEOS = {
 }
 
 
-def _count(spec: ModelSpec, passes: list[str]) -> tuple[int, int]:
-    model = MobileVDUNet.build(spec, device="meta")
+@dataclass(frozen=True)
+class _Stage:
+    id: str
+    label: str
+    spec: ModelSpec  # the model as it stands at this stage
+    passes: tuple[str, ...]  # the deploy passes that make this stage's model from it
+    nfe: int
+
+
+def _count(stage: _Stage) -> tuple[int, int]:
+    """FLOPs per call and parameters of the stage's model, rewritten by its passes (meta device)."""
+    model = MobileVDUNet.build(stage.spec, device="meta")
     pipeline = DeployPipeline(model)
-    for deploy_pass in make_passes(passes):
-        deploy_pass.run(pipeline)
+    for deploy_pass in make_passes(stage.passes):
+        deploy_pass(pipeline)
     return count_model_flops(model).total, sum(p.numel() for p in model.parameters())
 
 
-def stage_table(spec: ModelSpec) -> list[dict]:
-    """Rows {stage, nfe, flops, tflops, params, paper_tflops, delta_pct} for a spec with gates."""
+def _stage_specs(spec: ModelSpec) -> tuple[ModelSpec, ModelSpec, ModelSpec]:
+    """SVD (every temporal block, no funnels, no multiscaling), then + multiscaling, then + pruning."""
     cfg = spec.mobilevd
     all_kept = {name: dataclasses.replace(g, keep=True) for name, g in cfg.temporal_gates.items()}
     svd = dataclasses.replace(
@@ -54,55 +65,68 @@ def stage_table(spec: ModelSpec) -> list[dict]:
     pruned = dataclasses.replace(
         multiscaled, mobilevd=dataclasses.replace(multiscaled.mobilevd, temporal_gates=cfg.temporal_gates)
     )
+    return svd, multiscaled, pruned
+
+
+def _stages(spec: ModelSpec) -> list[_Stage]:
+    """Table 8's rows in the paper's order (and the deployed UNet, for a one-step model)."""
+    cfg = spec.mobilevd
+    svd, multiscaled, pruned = _stage_specs(spec)
     n_pruned = sum(not g.keep for g in cfg.temporal_gates.values())
     funnels = ", ".join(cfg.funnel_layers) or "none"
-    single = ["single_token_cross_attention"]
+    single = ("single_token_cross_attention",)
+    stripped = single + ("strip_temporal",)
     stages = [
-        ("svd", "SVD", svd, [], SVD_NFE),
-        ("cross_attention", "+ optimized cross-attention", svd, single, SVD_NFE),
-        ("one_step", f"+ adversarial finetuning (NFE {cfg.nfe})", svd, single, cfg.nfe),
-        (
+        _Stage("svd", "SVD", svd, (), SVD_NFE),
+        _Stage("cross_attention", "+ optimized cross-attention", svd, single, SVD_NFE),
+        _Stage("one_step", f"+ adversarial finetuning (NFE {cfg.nfe})", svd, single, cfg.nfe),
+        _Stage(
             "multiscaling",
             "+ temporal multiscaling" + ("" if cfg.temporal_multiscaling else " (off)"),
             multiscaled,
             single,
             cfg.nfe,
         ),
-        (
+        _Stage(
             "pruning",
             f"+ temporal block pruning ({n_pruned}/{len(cfg.temporal_gates)})",
             pruned,
-            single + ["strip_temporal"],
+            stripped,
             cfg.nfe,
         ),
-        (
+        _Stage(
             "funnels",
             f"+ channel funneling (r {cfg.fun_factor}: {funnels}) = {spec.name}",
             spec,
-            single + ["strip_temporal", "merge_funnels"],
+            stripped + ("merge_funnels",),
             cfg.nfe,
         ),
     ]
     if cfg.nfe == 1:
         stages.append(
-            (
+            _Stage(
                 "deployed",
                 "deployed UNet (+ folded conditioning)",
                 spec,
-                single + ["strip_temporal", "merge_funnels", "fold_conditioning"],
+                stripped + ("merge_funnels", "fold_conditioning"),
                 cfg.nfe,
             )
         )
+    return stages
+
+
+def stage_table(spec: ModelSpec) -> list[dict]:
+    """Rows {stage, id, nfe, flops, tflops, params, paper_tflops, delta_pct} for a spec with gates."""
     paper = _paper_figures(spec)
     rows = []
-    for key, label, stage_spec, passes, nfe in stages:
-        flops, params = _count(stage_spec, passes)
-        reference = paper.get(key)
+    for stage in _stages(spec):
+        flops, params = _count(stage)
+        reference = paper.get(stage.id)
         rows.append(
             {
-                "stage": label,
-                "id": key,
-                "nfe": nfe,
+                "stage": stage.label,
+                "id": stage.id,
+                "nfe": stage.nfe,
                 "flops": flops,
                 "tflops": flops / 1e12,
                 "params": params,

@@ -32,7 +32,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from mvd_deploy.checkpoint import init_checkpoint
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    init_checkpoint(TINY, out, seed=0, quiet=True)
+    init_checkpoint(TINY, out=out, seed=0)
     return out
 
 
@@ -42,7 +42,7 @@ def tiny_build(tiny_checkpoint, tmp_path_factory) -> Path:
     from mvd_deploy.export import export_build
 
     out = tmp_path_factory.mktemp("builds") / "tiny-fp32"
-    export_build(tiny_checkpoint, out, quiet=True)
+    export_build(tiny_checkpoint, out=out)
     return out
 
 

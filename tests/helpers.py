@@ -21,7 +21,7 @@ def write_recipe(path: Path, **mobilevd_overrides) -> Path:
 
 
 def tiny_spec(**mobilevd_overrides):
-    from mvd_deploy.flops import with_resolved_gates
+    from mvd_deploy.pruning import with_resolved_gates
     from mvd_deploy.recipe import load_recipe
 
     spec = load_recipe(TINY)

@@ -48,8 +48,8 @@ def test_config_records_gates_and_settings(tiny_checkpoint):
 
 
 def test_seed_is_deterministic(tmp_path, tiny_checkpoint):
-    init_checkpoint(TINY, tmp_path / "again", seed=0, quiet=True)
-    init_checkpoint(TINY, tmp_path / "other", seed=1, quiet=True)
+    init_checkpoint(TINY, out=tmp_path / "again", seed=0)
+    init_checkpoint(TINY, out=tmp_path / "other", seed=1)
     assert _sha(tmp_path / "again" / WEIGHTS_FILE) == _sha(tiny_checkpoint / WEIGHTS_FILE)
     assert _sha(tmp_path / "other" / WEIGHTS_FILE) != _sha(tiny_checkpoint / WEIGHTS_FILE)
 
@@ -71,7 +71,7 @@ def test_from_svd_full_width_reproduces_diffusers(tmp_path):
         temporal_multiscaling=False,
         temporal_prune_fraction=0.0,
     )
-    init_checkpoint(recipe, tmp_path / "ck", from_svd=svd, quiet=True)
+    init_checkpoint(recipe, out=tmp_path / "ck", from_svd=svd)
     model, _ = load_checkpoint(tmp_path / "ck")
     assert len(model.funnels()) == 4 * 32  # every self-attention funnelled, at full width
     reference = UNetSpatioTemporalConditionModel.from_pretrained(svd).eval()
@@ -86,7 +86,7 @@ def test_from_svd_with_another_architecture_names_the_key(tmp_path):
     config["cross_attention_dim"] = 64
     (svd / "config.json").write_text(json.dumps(config))
     with pytest.raises(MvdError, match=r"config.json: key 'cross_attention_dim' is 64 but recipe .*tiny.yaml has 32"):
-        init_checkpoint(TINY, tmp_path / "ck", from_svd=svd, quiet=True)
+        init_checkpoint(TINY, out=tmp_path / "ck", from_svd=svd)
     assert not (tmp_path / "ck").exists()
 
 
@@ -95,7 +95,7 @@ def test_from_svd_refuses_pickled_weights(tmp_path):
     svd = _svd_dir(tmp_path)
     (svd / "diffusion_pytorch_model.safetensors").rename(svd / "diffusion_pytorch_model.bin")
     with pytest.raises(MvdError, match="only safetensors weights are read"):
-        init_checkpoint(TINY, tmp_path / "ck", from_svd=svd, quiet=True)
+        init_checkpoint(TINY, out=tmp_path / "ck", from_svd=svd)
 
 
 # -- bad checkpoints: one line, exit 2, naming file and key ---------------------------------------
@@ -199,7 +199,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "save_file", exploding_save)
     with pytest.raises(KeyboardInterrupt):
-        init_checkpoint(TINY, tmp_path / "ck", quiet=True)
+        init_checkpoint(TINY, out=tmp_path / "ck")
     assert list(tmp_path.iterdir()) == []
 
 

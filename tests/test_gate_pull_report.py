@@ -191,9 +191,9 @@ def _hub_target(tmp_path, **keys):
 
 def test_pull_carries_each_graphs_contract_as_compiled(tiny_build, tmp_path, monkeypatch):
     hub = FakeHub()
-    monkeypatch.setattr(hub_backend, "_client", lambda: hub)
+    monkeypatch.setattr(hub_backend, "hub_client", lambda: hub)
     build = Build(shutil.copytree(tiny_build, tmp_path / "build"))
-    QaiHubBackend(hub).compile(build, [_hub_target(tmp_path, precision="float16")], CompileOptions(), quiet=True)
+    QaiHubBackend(hub).compile(build, [_hub_target(tmp_path, precision="float16")], CompileOptions())
     result = CliRunner().invoke(main, ["pull", str(build.path), "--out", str(tmp_path / "app"), "--json"])
     assert result.exit_code == 0, result.output
     pulled = json.loads((tmp_path / "app" / "artifacts.json").read_text())
@@ -210,10 +210,10 @@ def test_pull_carries_each_graphs_contract_as_compiled(tiny_build, tmp_path, mon
 @pytest.mark.parametrize("runtime,path", [("qnn_context_binary", "model.bin"), ("onnx", "model/unet.onnx")])
 def test_pull_an_ai_hub_compile_job(tiny_build, tmp_path, monkeypatch, runtime, path):
     hub = FakeHub()
-    monkeypatch.setattr(hub_backend, "_client", lambda: hub)
+    monkeypatch.setattr(hub_backend, "hub_client", lambda: hub)
     build = Build(shutil.copytree(tiny_build, tmp_path / "build"))
     target = _hub_target(tmp_path, precision="float16", runtime=runtime)
-    records = QaiHubBackend(hub).compile(build, [target], CompileOptions(), quiet=True)
+    records = QaiHubBackend(hub).compile(build, [target], CompileOptions())
     job_id = records["xiaomi-14-pro/float16"]["components"]["unet"]["graphs"][0]["compile_job"]
     result = CliRunner().invoke(main, ["pull", job_id, "--out", str(tmp_path / "app"), "--json"])
     assert result.exit_code == 0, result.output
@@ -227,11 +227,11 @@ def test_pull_an_ai_hub_compile_job(tiny_build, tmp_path, monkeypatch, runtime, 
 
 def test_pull_a_job_that_is_not_a_compile_job(tiny_build, tmp_path, monkeypatch):
     hub = FakeHub()
-    monkeypatch.setattr(hub_backend, "_client", lambda: hub)
+    monkeypatch.setattr(hub_backend, "hub_client", lambda: hub)
     build = Build(shutil.copytree(tiny_build, tmp_path / "build"))
     target = [_hub_target(tmp_path, precision="float16")]
-    QaiHubBackend(hub).compile(build, target, CompileOptions(), quiet=True)
-    [profile] = QaiHubBackend(hub).profile(build, target, None, runs=1, quiet=True)
+    QaiHubBackend(hub).compile(build, target, CompileOptions())
+    [profile] = QaiHubBackend(hub).profile(build, target, None, runs=1)
     job_id = profile["components"]["unet"]["inference_job"]
     result = CliRunner().invoke(main, ["pull", job_id, "--out", str(tmp_path / "app")])
     assert result.exit_code == 2 and not (tmp_path / "app").exists()

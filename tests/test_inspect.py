@@ -76,8 +76,8 @@ def test_inspect_recipe_json():
 def test_inspect_checkpoint_matches_recipe(tiny_checkpoint):
     from_recipe, from_checkpoint = inspect_model(TINY), inspect_model(tiny_checkpoint)
     for key in ("params", "flops", "latent_shape", "temporal_blocks"):
-        assert from_recipe[key] == from_checkpoint[key], key
-    assert from_checkpoint["kind"] == "checkpoint"
+        assert getattr(from_recipe, key) == getattr(from_checkpoint, key), key
+    assert from_checkpoint.kind == "checkpoint" and from_checkpoint.to_json()["kind"] == "checkpoint"
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ import pytest
 from mvd_deploy.build import Build
 from mvd_deploy.device_profiles import resolve_target
 from mvd_deploy.errors import MvdError
-from mvd_deploy.onnx_tools import psnr_db, run_onnx
+from mvd_deploy.metrics import psnr_db
+from mvd_deploy.onnx_tools import run_onnx
 from mvd_deploy.parts import graph_feeds, parts_needed, run_chain, split_component, split_for_targets
 
 

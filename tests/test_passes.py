@@ -80,7 +80,7 @@ def test_exact_passes_are_exact_in_float64(train_time_unet):
     unet = train_time_unet.double()
     before = copy.deepcopy(unet)
     for deploy_pass in make_passes(UNET_PASSES):
-        deploy_pass.run(DeployPipeline(unet))
+        deploy_pass(DeployPipeline(unet))
 
     def inputs(model):
         return {k: v.double() for k, v in model.example_inputs(seed=6).items()}
@@ -202,12 +202,17 @@ def test_impossible_lists_are_refused_clearly(train_time_unet):
     train_time_unet.spec = fifty_steps
     with pytest.raises(PassError, match=r"pass 'fold_conditioning' \(number 2 in the list\) cannot run: needs a fixed"):
         run_passes(DeployPipeline(train_time_unet), make_passes(["merge_funnels", "fold_conditioning"]))
+    # called on its own (as the stage table and the pruning policy call passes), the same check
+    [fold] = make_passes(["fold_conditioning"])
+    with pytest.raises(PassError, match=r"^pass 'fold_conditioning' cannot run: needs a fixed"):
+        fold(DeployPipeline(train_time_unet))
+    assert not train_time_unet.conditioning_folded
 
 
 class _BreaksTheModel(Pass):
     name = "break_it"
 
-    def run(self, pipeline):
+    def call(self, pipeline):
         with torch.no_grad():
             pipeline.unet.conv_out.bias.add_(0.1)
         return "nudged conv_out"
@@ -240,14 +245,14 @@ def test_cli_passes_json_and_errors(tmp_path, train_time_unet):
 
 
 def test_pass_list_comes_from_the_option_then_the_checkpoint(tmp_path, train_time_unet):
-    from mvd_deploy.deploy import deploy
+    from mvd_deploy.deploy import deploy_checkpoint
 
     none_configured = dataclasses.replace(train_time_unet.spec.mobilevd, deploy_passes=())
     train_time_unet.spec = dataclasses.replace(train_time_unet.spec, mobilevd=none_configured)
     save_checkpoint(train_time_unet, tmp_path / "ck")
-    _, results, _ = deploy(tmp_path / "ck", quiet=True)
+    results = deploy_checkpoint(tmp_path / "ck").passes
     assert results == []  # an empty list in the checkpoint means: deploy as it is
-    _, results, _ = deploy(tmp_path / "ck", passes=["strip_temporal"], quiet=True)
+    results = deploy_checkpoint(tmp_path / "ck", passes=["strip_temporal"]).passes
     assert [r.name for r in results] == ["strip_temporal"]
 
 

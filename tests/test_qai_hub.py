@@ -86,7 +86,7 @@ def _manifest(build) -> dict:
 def test_compile_float16_for_two_targets_together(build, tmp_path):
     hub = FakeHub()
     targets = [_target(tmp_path, precision="float16"), _target(tmp_path, "snapdragon-8-elite", precision="float16")]
-    records = QaiHubBackend(hub).compile(build, targets, CompileOptions(), quiet=True)
+    records = QaiHubBackend(hub).compile(build, targets, CompileOptions())
     assert set(records) == {"xiaomi-14-pro/float16", "snapdragon-8-elite/float16"}
     # one upload per graph, in AI Hub's directory form (checked by the real client's rule)
     assert [c[2] for c in _calls(hub, "upload_model")] == ["mvd-tiny-unet", "mvd-tiny-decoder"]
@@ -124,9 +124,7 @@ def test_compile_float16_for_two_targets_together(build, tmp_path):
 
 def test_device_is_the_newest_os_and_recorded(build, tmp_path):
     """get_devices(name=…) returns one entry per OS version, in no particular order."""
-    records = QaiHubBackend(FakeHub()).compile(
-        build, [_target(tmp_path, precision="float16")], CompileOptions(), quiet=True
-    )
+    records = QaiHubBackend(FakeHub()).compile(build, [_target(tmp_path, precision="float16")], CompileOptions())
     device = records["xiaomi-14-pro/float16"]["device"]
     assert (device["os"], device["offered_os"]) == ("15", ["13", "14", "15"])
 
@@ -134,34 +132,34 @@ def test_device_is_the_newest_os_and_recorded(build, tmp_path):
 def test_device_falls_back_to_the_chipset_attribute(build, tmp_path):
     hub = FakeHub()
     hub.devices = [d for d in hub.devices if "Galaxy S24" not in d.name]
-    records = QaiHubBackend(hub).compile(build, [_target(tmp_path, precision="float16")], CompileOptions(), quiet=True)
+    records = QaiHubBackend(hub).compile(build, [_target(tmp_path, precision="float16")], CompileOptions())
     assert records["xiaomi-14-pro/float16"]["device"]["name"] == "Snapdragon 8 Gen 3 QRD"
 
 
 def test_a_rerun_reuses_recorded_jobs_and_a_change_resubmits(build, tmp_path):
     hub = FakeHub()
     target = _target(tmp_path, precision="float16")
-    QaiHubBackend(hub).compile(build, [target], CompileOptions(), quiet=True)
+    QaiHubBackend(hub).compile(build, [target], CompileOptions())
     submitted = len(_calls(hub, "submit_compile_job")) + len(_calls(hub, "upload_model"))
-    QaiHubBackend(hub).compile(Build(build.path), [target], CompileOptions(), quiet=True)
+    QaiHubBackend(hub).compile(Build(build.path), [target], CompileOptions())
     assert len(_calls(hub, "submit_compile_job")) + len(_calls(hub, "upload_model")) == submitted
     # other options: the recorded jobs are stale (the uploads are not)
     changed = _target(tmp_path, precision="float16", compile_options="--optimization_level 2")
-    QaiHubBackend(hub).compile(Build(build.path), [changed], CompileOptions(), quiet=True)
+    QaiHubBackend(hub).compile(Build(build.path), [changed], CompileOptions())
     assert len(_calls(hub, "submit_compile_job")) == 4 and len(_calls(hub, "upload_model")) == 2
     # another device (the newest OS went away)
     hub.devices = [d for d in hub.devices if d.os != "15"]
-    QaiHubBackend(hub).compile(Build(build.path), [changed], CompileOptions(), quiet=True)
+    QaiHubBackend(hub).compile(Build(build.path), [changed], CompileOptions())
     assert [c[3] for c in _calls(hub, "submit_compile_job")[-2:]] == ["14", "14"]
 
 
 def test_a_running_job_is_waited_on_not_submitted_again(build, tmp_path):
     hub = FakeHub()
     target = _target(tmp_path, precision="float16")
-    QaiHubBackend(hub).compile(build, [target], CompileOptions(), quiet=True)
+    QaiHubBackend(hub).compile(build, [target], CompileOptions())
     compile_job = _manifest(build)["hub_jobs"]["compile"]["xiaomi-14-pro/float16/unet"]["job"]
     hub.jobs[compile_job].pending = 3  # as if the first run had been interrupted while it ran
-    QaiHubBackend(hub).compile(Build(build.path), [target], CompileOptions(), quiet=True)
+    QaiHubBackend(hub).compile(Build(build.path), [target], CompileOptions())
     assert len(_calls(hub, "submit_compile_job")) == 2 and ("wait", compile_job) in hub.calls[-6:]
 
 
@@ -174,12 +172,12 @@ def test_a_failed_job_names_reason_and_url_and_writes_nothing(build, tmp_path):
         match=r"xiaomi-14-pro decoder: compile job jp\d+ FAILED: QNN does not support op Foo "
         r"\(https://app.aihub.example/jobs/jp\d+/\)",
     ) as err:
-        QaiHubBackend(hub).compile(build, target, CompileOptions(), quiet=True)
+        QaiHubBackend(hub).compile(build, target, CompileOptions())
     assert err.value.exit_code == 1
     assert not (build.path / "compiled").exists()
     assert _manifest(build)["compiled"] == {}
     # the rerun resubmits only the failed job
-    QaiHubBackend(hub).compile(Build(build.path), target, CompileOptions(), quiet=True)
+    QaiHubBackend(hub).compile(Build(build.path), target, CompileOptions())
     assert [c[1] for c in _calls(hub, "submit_compile_job")] == [
         "mvd-tiny-unet",
         "mvd-tiny-decoder",
@@ -191,7 +189,7 @@ def test_w8a16_compiles_to_onnx_then_quantizes_min_max_then_compiles(build, tmp_
     hub = FakeHub()
     target = _target(tmp_path, calibration_samples=3)
     assert resolve_target("xiaomi-14-pro").precision == "w8a16"  # the shipped phone profiles' default
-    records = QaiHubBackend(hub).compile(build, [target], CompileOptions(), quiet=True)
+    records = QaiHubBackend(hub).compile(build, [target], CompileOptions())
     assert set(records) == {"xiaomi-14-pro/w8a16"}
     compiles = _calls(hub, "submit_compile_job")
     # Qualcomm's recipe: ONNX first (from the upload), quantize that, compile the quantized model
@@ -217,7 +215,7 @@ def test_w8a16_compiles_to_onnx_then_quantizes_min_max_then_compiles(build, tmp_
 def test_a_graph_that_cannot_fit_one_context_is_refused_before_uploading(build, tmp_path):
     hub, target = FakeHub(), _target(tmp_path, context_limit_mb=0.5)
     with pytest.raises(MvdError) as err:
-        QaiHubBackend(hub).compile(build, [target], CompileOptions(), quiet=True)
+        QaiHubBackend(hub).compile(build, [target], CompileOptions())
     message = str(err.value)
     assert message.startswith(f"xiaomi-14-pro ({target.source}): unet cannot fit one HTP context")
     assert "bytes at w8a16" in message and "524,288 bytes" in message and "\n" not in message
@@ -227,7 +225,7 @@ def test_a_graph_that_cannot_fit_one_context_is_refused_before_uploading(build, 
 def test_onnx_targets_download_as_a_zip_that_is_unpacked(build, tmp_path):
     hub = FakeHub()
     target = _target(tmp_path, precision="float16", runtime="onnx")
-    records = QaiHubBackend(hub).compile(build, [target], CompileOptions(), quiet=True)
+    records = QaiHubBackend(hub).compile(build, [target], CompileOptions())
     record = records["xiaomi-14-pro/float16"]
     [unet] = record["components"]["unet"]["graphs"]
     assert unet["file"] == "unet/unet.onnx" and "qnn_graph" not in unet
@@ -242,7 +240,7 @@ def test_upload_leaves_no_zip_in_the_temp_dir(build, tmp_path, monkeypatch):
     temp = tmp_path / "system-temp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    QaiHubBackend(hub).compile(build, [target], CompileOptions(), quiet=True)
+    QaiHubBackend(hub).compile(build, [target], CompileOptions())
     assert list(temp.iterdir()) == []
     assert not [p for p in build.path.iterdir() if p.name.startswith(".")]
 
@@ -252,7 +250,7 @@ def test_a_component_over_the_part_size_is_compiled_in_parts(build, tmp_path):
     """The tiny UNet's float16 weights (7.6 MB) over a 4 MB part size: the build's own parts (#7)."""
     hub = FakeHub()
     target = _target(tmp_path, precision="float16", max_part_weights_mb=4)
-    records = QaiHubBackend(hub).compile(build, [target], CompileOptions(), quiet=True)
+    records = QaiHubBackend(hub).compile(build, [target], CompileOptions())
     components = records["xiaomi-14-pro/float16"]["components"]
     assert [g["name"] for g in components["unet"]["graphs"]] == ["unet.part0", "unet.part1"]
     assert [g["name"] for g in components["decoder"]["graphs"]] == ["decoder"]
@@ -311,7 +309,7 @@ def test_parts_are_compiled_checked_and_profiled_per_graph(tmp_path):
     hub = FakeHub()
     fp16, w8a16 = _target(tmp_path, precision="float16"), _target(tmp_path, "galaxy-s24")
     backend = QaiHubBackend(hub)
-    records = backend.compile(build, [fp16, w8a16], CompileOptions(), quiet=True)
+    records = backend.compile(build, [fp16, w8a16], CompileOptions())
     graphs = records["xiaomi-14-pro/float16"]["components"]["unet"]["graphs"]
     assert [g["name"] for g in graphs] == ["unet.part0", "unet.part1"]  # in run order
     assert [g["qnn_graph"] for g in graphs] == ["unet_part0", "unet_part1"]
@@ -326,7 +324,7 @@ def test_parts_are_compiled_checked_and_profiled_per_graph(tmp_path):
         expected = first["sample"][i] * w0 + first["encoder_hidden_states"][i]
         np.testing.assert_allclose(second["hidden"][i], expected, rtol=1e-6)
 
-    [profile] = backend.profile(build, [fp16], None, runs=5, quiet=True)
+    [profile] = backend.profile(build, [fp16], None, runs=5)
     unet = profile["components"]["unet"]
     assert set(unet["graphs"]) == {"unet.part0", "unet.part1"}
     assert unet["latency_ms"]["p50"] == 3600.0  # the parts run one after the other
@@ -343,8 +341,8 @@ def test_profile_and_on_device_check(build, tmp_path):
     hub = FakeHub()
     targets = [_target(tmp_path, precision="float16")]
     backend = QaiHubBackend(hub)
-    backend.compile(build, targets, CompileOptions(), quiet=True)
-    [profile] = backend.profile(build, targets, None, runs=5, quiet=True)
+    backend.compile(build, targets, CompileOptions())
+    [profile] = backend.profile(build, targets, None, runs=5)
     assert profile["schema"] == "mvd-deploy-profile" and profile["target"] == "xiaomi-14-pro"
     for call in _calls(hub, "submit_inference_job"):
         assert call[5] is True and "--max_profiler_iterations 5" in call[4] and "--qairt_version 2.37" in call[4]
@@ -370,15 +368,15 @@ def test_inference_jobs_are_reused_only_for_the_same_runs_and_live_outputs(build
     hub = FakeHub()
     targets = [_target(tmp_path, precision="float16")]
     backend = QaiHubBackend(hub)
-    backend.compile(build, targets, CompileOptions(), quiet=True)
-    backend.profile(build, targets, None, runs=5, quiet=True)
-    backend.profile(Build(build.path), targets, None, runs=5, quiet=True)
+    backend.compile(build, targets, CompileOptions())
+    backend.profile(build, targets, None, runs=5)
+    backend.profile(Build(build.path), targets, None, runs=5)
     assert len(_calls(hub, "submit_inference_job")) == 2
-    backend.profile(Build(build.path), targets, None, runs=7, quiet=True)
+    backend.profile(Build(build.path), targets, None, runs=7)
     assert len(_calls(hub, "submit_inference_job")) == 4
     unet_job = _manifest(build)["hub_jobs"]["inference"]["xiaomi-14-pro/float16/unet"]["job"]
     hub.jobs[unet_job].outputs.expiration_time -= timedelta(days=31)  # datasets live 30 days
-    backend.profile(Build(build.path), targets, None, runs=7, quiet=True)
+    backend.profile(Build(build.path), targets, None, runs=7)
     assert [c[1] for c in _calls(hub, "submit_inference_job")[4:]] == ["mvd-check-unet"]
 
 
@@ -472,7 +470,7 @@ def test_the_token_never_reaches_output_or_the_build_and_the_box_is_kept(build, 
         raise real.InternalError(f"Internal API failure.\n{box}")  # as the client raises it
 
     hub.upload_model = unreachable
-    monkeypatch.setattr(hub_backend, "_client", lambda: hub)
+    monkeypatch.setattr(hub_backend, "hub_client", lambda: hub)
     result = CliRunner().invoke(main, ["compile", str(build.path), "--target", _target(tmp_path).source])
     assert result.exit_code == 1
     assert token not in result.output and "Token ***" in result.stderr
@@ -483,7 +481,7 @@ def test_the_token_never_reaches_output_or_the_build_and_the_box_is_kept(build, 
 def test_rate_limited_after_the_clients_retries(build, tmp_path, monkeypatch):
     hub = FakeHub()
     hub.rate_limited = True
-    monkeypatch.setattr(hub_backend, "_client", lambda: hub)
+    monkeypatch.setattr(hub_backend, "hub_client", lambda: hub)
     target = _target(tmp_path, precision="float16")
     result = CliRunner().invoke(main, ["compile", str(build.path), "--target", target.source, "--json"])
     assert result.exit_code == 1 and result.stdout == ""  # the client's retry box went to stderr
@@ -497,10 +495,10 @@ def test_missing_output_data_and_local_failures_are_not_called_unreachable(build
     hub = FakeHub()
     targets = [_target(tmp_path, precision="float16")]
     backend = QaiHubBackend(hub)
-    backend.compile(build, targets, CompileOptions(), quiet=True)
+    backend.compile(build, targets, CompileOptions())
     hub.output_data = False
     with pytest.raises(HubError, match=r"xiaomi-14-pro unet: inference job jp\d+ returned no output data \(https://"):
-        backend.profile(build, targets, None, runs=5, quiet=True)
+        backend.profile(build, targets, None, runs=5)
     hub.output_data = True
 
     def broken(*args, **kwargs):
@@ -508,7 +506,7 @@ def test_missing_output_data_and_local_failures_are_not_called_unreachable(build
 
     monkeypatch.setattr(hub_backend, "ort_session", broken)
     with pytest.raises(LocalError) as err:
-        backend.profile(Build(build.path), targets, None, runs=6, quiet=True)
+        backend.profile(Build(build.path), targets, None, runs=6)
     assert str(err.value) == (
         "xiaomi-14-pro unet: on-device check against the exported graph here: RuntimeError: ORT cannot load it"
     )
@@ -517,7 +515,7 @@ def test_missing_output_data_and_local_failures_are_not_called_unreachable(build
 def test_cli_compile_profile_and_pull_print_one_json_object(build, tmp_path, monkeypatch):
     """The double prints like the real client ("Uploading …", "Scheduled …", "Downloaded model to …")."""
     hub = FakeHub()
-    monkeypatch.setattr(hub_backend, "_client", lambda: hub)
+    monkeypatch.setattr(hub_backend, "hub_client", lambda: hub)
     runner = CliRunner()
     xiaomi, s24 = _target(tmp_path, precision="float16").source, _target(tmp_path, "galaxy-s24").source
     result = runner.invoke(main, ["compile", str(build.path), "--target", xiaomi, "--target", s24, "--json"])
@@ -553,7 +551,7 @@ def test_xiaomi_selects_by_chipset():
 def test_an_unknown_qairt_version_names_the_key_and_what_is_offered(build, tmp_path):
     target = _target(tmp_path, precision="float16", qairt_version="2.9")
     with pytest.raises(MvdError) as err:
-        QaiHubBackend(FakeHub()).compile(build, [target], CompileOptions(), quiet=True)
+        QaiHubBackend(FakeHub()).compile(build, [target], CompileOptions())
     assert str(err.value) == (
         f"{target.source}: key 'qairt_version': AI Hub offers no QAIRT '2.9' (offered: 2.37 (default), 2.38 (latest))"
     )

@@ -28,7 +28,8 @@ from mvd_deploy.build import Build, sha256_file
 from mvd_deploy.cli import main
 from mvd_deploy.device_profiles import load_device_profile, resolve_target
 from mvd_deploy.errors import MvdError, ValidationFailed
-from mvd_deploy.onnx_tools import psnr_db, run_onnx
+from mvd_deploy.metrics import psnr_db
+from mvd_deploy.onnx_tools import run_onnx
 from mvd_deploy.pull import pull_build
 
 SOCS = {"xiaomi-14-pro": ("SM8650", 57, 75), "snapdragon-8-elite": ("SM8750", 69, 79)}
@@ -156,7 +157,7 @@ def test_offline_sends_phone_profiles_to_qnn_offline(tmp_path):
     assert [p.name for p in groups["ort-cpu"]] == ["ort-cpu"]
     assert "qnn-offline" not in group_targets(["xiaomi-14-pro"])
     no_chipset = write_profile(tmp_path, chipset=None)
-    with pytest.raises(MvdError, match=rf"^{no_chipset}: key 'chipset': needed for --offline"):
+    with pytest.raises(MvdError, match=rf"^{no_chipset}: key 'chipset': needed for offline"):
         group_targets([str(no_chipset)], offline=True)
 
 
@@ -182,7 +183,7 @@ def tiny_offline(tiny_build, tmp_path_factory) -> Build:
     build = Build(shutil.copytree(tiny_build, tmp_path_factory.mktemp("qnn") / "build"))
     for target, form in FORMS.items():
         options = CompileOptions(form=form, emulate=False, calibration_samples=2)
-        QnnOfflineBackend().compile(build, [resolve_target(target)], options, quiet=True)
+        QnnOfflineBackend().compile(build, [resolve_target(target)], options)
         if target == "xiaomi-14-pro":  # the whole build once; the other SoC compiles the decoder alone
             unet = build.manifest["components"].pop("unet")
     build.manifest["components"] = {"unet": unet} | build.manifest["components"]
@@ -230,7 +231,7 @@ def test_tiny_build_compiles_offline_for_two_socs(tiny_offline):
 def test_epcontext_runs_in_a_fresh_process_as_an_app_would(tiny_offline, tmp_path):
     """Pull the artifacts, then load the EPContext model with only onnxruntime + the QNN EP, fallback off."""
     pulled = tmp_path / "app"
-    pull_build(tiny_offline.path, pulled, ["snapdragon-8-elite"])
+    pull_build(tiny_offline.path, out=pulled, targets=["snapdragon-8-elite"])
     record = json.loads((pulled / "artifacts.json").read_text())["compiled"]["snapdragon-8-elite/float16-offline"]
     [graph] = record["components"]["decoder"]["graphs"]
     model = pulled / record["directory"] / graph["file"]
@@ -261,7 +262,7 @@ np.save({str(tmp_path / "frames.npy")!r}, session.run(None, {{"latents": latents
 @pytest.mark.parametrize("form,floor", [("w8a16", 20.0), ("float16", 40.0)])
 def test_parts_chained_on_the_emulator_match_the_whole_export(micro, tmp_path, form, floor):
     profile = load_device_profile(micro_profile(tmp_path))
-    records = QnnOfflineBackend().compile(micro, [profile], CompileOptions(form=form), quiet=True)
+    records = QnnOfflineBackend().compile(micro, [profile], CompileOptions(form=form))
     component = records[f"xiaomi-14-pro/{form}-offline"]["components"]["unet"]
     assert [g["name"] for g in component["graphs"]] == ["unet.part0", "unet.part1"]
     assert [g["inputs"][0]["name"] for g in component["graphs"]] == ["sample", "h"]
@@ -277,7 +278,7 @@ def test_an_emulated_psnr_below_the_threshold_refuses_and_writes_nothing(micro, 
     profile = load_device_profile(micro_profile(tmp_path))
     manifest_before = (micro.path / "build.json").read_text()
     with pytest.raises(ValidationFailed, match=r"emulated PSNR [\d.]+ dB .* below the 500.0 dB threshold") as err:
-        QnnOfflineBackend().compile(micro, [profile], CompileOptions(form="float16", min_psnr_db=500.0), quiet=True)
+        QnnOfflineBackend().compile(micro, [profile], CompileOptions(form="float16", min_psnr_db=500.0))
     assert err.value.exit_code == 1
     assert not (micro.path / "compiled").exists() and not (micro.path / ".staging").exists()
     assert (micro.path / "build.json").read_text() == manifest_before
@@ -287,7 +288,7 @@ def test_an_unsupported_node_is_named_with_its_op_type(tmp_path):
     build = micro_build(tmp_path / "micro", inject_rank6=True)
     profile = load_device_profile(micro_profile(tmp_path))
     with pytest.raises(ValidationFailed) as err:
-        QnnOfflineBackend().compile(build, [profile], CompileOptions(form="float16"), quiet=True)
+        QnnOfflineBackend().compile(build, [profile], CompileOptions(form="float16"))
     message = str(err.value)
     assert message.startswith("unet.part1 (xiaomi-14-pro float16-offline): ") and "\n" not in message
     assert "inject_to_rank6 (Reshape)" in message and "inject_scale_rank6 (Mul)" in message
@@ -298,11 +299,11 @@ def test_an_unsupported_node_is_named_with_its_op_type(tmp_path):
 def test_size_limits_refuse_before_and_after_compiling(micro, tmp_path):
     weights = load_device_profile(micro_profile(tmp_path, context_limit_mb=0.0001))  # ~100 bytes
     with pytest.raises(MvdError, match=r"unet.part0 cannot fit one HTP context: its weights alone are") as err:
-        QnnOfflineBackend().compile(micro, [weights], CompileOptions(form="float16"), quiet=True)
+        QnnOfflineBackend().compile(micro, [weights], CompileOptions(form="float16"))
     assert err.value.exit_code == 2
     context = load_device_profile(micro_profile(tmp_path, context_limit_mb=0.002))  # the weights fit, no context does
     with pytest.raises(ValidationFailed, match=r"compiled HTP context is [\d,]+ bytes, over the 2,097-byte limit"):
-        QnnOfflineBackend().compile(micro, [context], CompileOptions(form="float16", emulate=False), quiet=True)
+        QnnOfflineBackend().compile(micro, [context], CompileOptions(form="float16", emulate=False))
     assert not (micro.path / "compiled").exists()
 
 
@@ -353,7 +354,7 @@ def test_targets_of_one_soc_share_the_compiled_graphs(micro, tmp_path):
         load_device_profile(write_profile(tmp_path, base, calibration_samples=4, budgets=budgets))
         for base in ("xiaomi-14-pro", "galaxy-s24")
     ]
-    records = QnnOfflineBackend().compile(micro, targets, CompileOptions(), quiet=True)
+    records = QnnOfflineBackend().compile(micro, targets, CompileOptions())
     xiaomi, galaxy = records["xiaomi-14-pro/w8a16-offline"], records["galaxy-s24/w8a16-offline"]
     assert galaxy["components"] == xiaomi["components"] and galaxy["chipset"]["name"] == "SM8650"
     assert galaxy["directory"] == "compiled/galaxy-s24/w8a16-offline"

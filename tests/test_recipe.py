@@ -5,6 +5,7 @@ import yaml
 from click.testing import CliRunner
 
 from helpers import ROOT, TINY
+from mvd_deploy.checkpoint import init_checkpoint
 from mvd_deploy.cli import main
 from mvd_deploy.errors import MvdError
 from mvd_deploy.recipe import load_recipe
@@ -50,8 +51,6 @@ BAD_RECIPES = [
     (lambda d: d["unet"].update(num_attention_heads=[3, 2, 4, 4]), "unet.num_attention_heads"),
     (lambda d: d["mobilevd"].update(temporal_gates={}), "mobilevd.temporal_gates"),
     (lambda d: d.pop("name"), "name"),
-    (lambda d: d["mobilevd"].update(deploy_passes=["merge_funnels", "quantize"]), "mobilevd.deploy_passes"),
-    (lambda d: d["mobilevd"].update(deploy_passes=["strip_temporal", "strip_temporal"]), "mobilevd.deploy_passes"),
 ]
 
 
@@ -63,6 +62,20 @@ def test_bad_recipe_names_file_and_key(tmp_path, edit, key):
     message = str(err.value)
     assert message.startswith(f"{path}: key '{key}'"), message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "passes,why", [(["merge_funnels", "quantize"], "unknown pass 'quantize'"), (["strip_temporal"] * 2, "named twice")]
+)
+def test_bad_pass_lists_are_refused_where_passes_are_made(tmp_path, passes, why):
+    """A recipe stores pass names; they are checked when passes are made (before a checkpoint is
+    written), naming the recipe and its key."""
+    path = _mutated(tmp_path, lambda d: d["mobilevd"].update(deploy_passes=passes))
+    assert load_recipe(path).mobilevd.deploy_passes == tuple(passes)
+    with pytest.raises(MvdError) as err:
+        init_checkpoint(path, out=tmp_path / "ck")
+    assert str(err.value).startswith(f"{path}: key 'mobilevd.deploy_passes': ") and why in str(err.value)
+    assert not (tmp_path / "ck").exists()
 
 
 def test_not_yaml_and_not_mapping(tmp_path):

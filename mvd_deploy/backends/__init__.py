@@ -1,10 +1,11 @@
 """Compile/profile targets. A new backend is one new file and one line in BACKENDS.
 
-A ``--target`` names a device profile (device_profiles/*.yaml); the profile names its backend. With
+A target names a device profile (device_profiles/*.yaml); the profile names its backend. With
 ``offline``, a phone (qai-hub) profile goes to ``qnn-offline``: the local QNN HTP compiler for its chipset.
 """
 
 from collections import defaultdict
+from pathlib import Path
 
 from mvd_deploy.backends.base import Backend, CompileOptions
 from mvd_deploy.backends.ort_cpu import OrtCpuBackend
@@ -19,8 +20,8 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]()
 
 
-def group_targets(targets: list[str], offline: bool = False) -> dict[str, list[DeviceProfile]]:
-    """--target values → {backend name: [profiles]}, so each backend gets its targets together.
+def group_targets(targets: list[str | Path], offline: bool = False) -> dict[str, list[DeviceProfile]]:
+    """Targets (profile names or paths) → {backend name: [profiles]}, so each backend gets its targets together.
 
     ``offline``: phone profiles go to qnn-offline (each needs its ``chipset``); ort-cpu stays local."""
     groups: dict[str, list[DeviceProfile]] = defaultdict(list)

@@ -7,8 +7,10 @@ ONNX Runtime CPU and Qualcomm AI Hub results the same way.
 from __future__ import annotations
 
 import dataclasses
+import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from mvd_deploy.build import Build
@@ -42,14 +44,25 @@ class Backend:
 
     name: ClassVar[str]
 
-    def compile(self, build: Build, targets: list, options: CompileOptions, quiet: bool = False) -> dict[str, dict]:
+    def compile(self, build: Build, targets: list, options: CompileOptions) -> dict[str, dict]:
         """Compile every component for each target; returns {"<target>/<form>": record}, each also
         written to the manifest's ``compiled``."""
         raise NotImplementedError
 
-    def profile(self, build: Build, targets: list, form: str | None, runs: int, quiet: bool = False) -> list[dict]:
+    def profile(self, build: Build, targets: list, form: str | None, runs: int) -> list[dict]:
         """Measure the compiled form (default: each target's own) per target; ``new_profile`` schema."""
         raise NotImplementedError
+
+
+def cpu_name() -> str:
+    """This machine's CPU model, as profiles name the device that ran them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def new_profile(target: str, form: str, build: Build, device: dict, runs: int) -> dict:

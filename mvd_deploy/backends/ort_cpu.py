@@ -12,8 +12,8 @@ warm-up, N timed calls, and one profiled call for the op table.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,26 +26,19 @@ from mvd_deploy.backends.base import (
     STATIC_INT8_CALIBRATION_SAMPLES,
     Backend,
     CompileOptions,
+    cpu_name,
     finish_profile,
     new_profile,
 )
+from mvd_deploy.backends.inputs import VALIDATION_SEED, pipeline_inputs
 from mvd_deploy.build import Build
-from mvd_deploy.errors import MvdError, ValidationFailed
-from mvd_deploy.onnx_tools import compare, ort_session, quiet_ort_quantizer
+from mvd_deploy.errors import MvdError
+from mvd_deploy.metrics import compare, conditioning_sensitivity, require_psnr
+from mvd_deploy.onnx_tools import ort_session, quiet_ort_quantizer
 from mvd_deploy.progress import Stages
 
-VALIDATION_SEED = 1
+logger = logging.getLogger(__name__)
 DEFAULT_MIN_PSNR_DB = {"fp32": 80.0, "fp16": 40.0, "int8-dynamic": 30.0, "int8-static": 30.0}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def gemm_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
@@ -75,64 +68,12 @@ def gemm_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def pipeline_inputs(build: Build, component: str, n: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """Inputs as the 1-step pipeline makes them (calibration data for static int8).
-
-    UNet: channels 0-3 of ``sample`` are the noised latent scaled by c_in (≈ unit Gaussian at σ = 700),
-    channels 4-7 the conditioning image's latent, the same for every frame (SVD repeats it); the image
-    embedding a unit-variance vector. Decoder: the exported UNet's outputs on those inputs when the
-    build has a UNet, else unit-Gaussian latents.
-    """
-    rng = np.random.default_rng(seed)
-    unet_io = build.components.get("unet")
-    samples = []
-    for _ in range(n):
-        feed = {}
-        for spec in (unet_io or build.components[component])["inputs"]:
-            shape = spec["shape"]
-            if spec["name"] == "sample":
-                noise = rng.standard_normal((*shape[:2], shape[2] // 2, *shape[3:]))
-                image = np.repeat(rng.standard_normal((shape[0], 1, shape[2] - shape[2] // 2, *shape[3:])), shape[1], 1)
-                feed["sample"] = np.concatenate([noise, image], axis=2).astype(np.float32)
-            else:
-                feed[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
-        samples.append(feed)
-    if component == "unet":
-        return samples
-    if unet_io is None:
-        return [build.random_inputs(component, seed + i) for i in range(n)]
-    session = ort_session(build.onnx_path("unet"), arena=False)
-    return [{"latents": session.run(None, feed)[0]} for feed in samples]
-
-
-def conditioning_sensitivity(run, inputs: dict[str, np.ndarray], seed: int, output=None) -> float | None:
-    """How much the output moves when the image embedding changes: ‖f(x,c₁) − f(x,c₂)‖ / ‖f(x,c₁)‖.
-
-    w8a16/int8 can keep PSNR and still lose the conditioning; comparing this figure between the
-    reference and the compiled form catches that.
-    """
-    if "encoder_hidden_states" not in inputs:
-        return None
-    other = dict(inputs)
-    other["encoder_hidden_states"] = (
-        np.random.default_rng(seed + 100).standard_normal(inputs["encoder_hidden_states"].shape).astype(np.float32)
-    )
-    a = run(inputs) if output is None else output
-    b = run(other)
-    return relative_change(a, b)
-
-
-def relative_change(a: np.ndarray, b: np.ndarray) -> float:
-    """‖a − b‖ / ‖a‖: how far ``b`` moved from ``a``."""
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
-
-
 class OrtCpuBackend(Backend):
     name = "ort-cpu"
 
-    def compile(self, build: Build, targets: list, options: CompileOptions, quiet: bool = False) -> dict[str, dict]:
+    def compile(self, build: Build, targets: list, options: CompileOptions) -> dict[str, dict]:
         if options.int8 not in (None, "dynamic", "static"):
-            raise MvdError(f"--int8: must be dynamic or static, got {options.int8!r}")
+            raise MvdError(f"int8: must be dynamic or static, got {options.int8!r}", parameter="int8")
         base = "fp16" if build.manifest.get("precision") == "fp16" else "fp32"
         forms = [base] + ([f"int8-{options.int8}"] if options.int8 else [])
         for target in targets:  # a profile may ask for a form the options did not
@@ -142,27 +83,22 @@ class OrtCpuBackend(Backend):
         references: dict[str, tuple] = {}  # component → (inputs, export's outputs), shared by all forms
         for form in forms:
             key = f"{self.name}/{form}"
-            records[key] = self._compile_form(build, form, options, quiet, references)
+            records[key] = self._compile_form(build, form, options, references)
             build.manifest.setdefault("compiled", {})[key] = records[key]
             build.save_manifest()
         return records
 
-    def _compile_form(self, build: Build, form: str, options: CompileOptions, quiet: bool, references: dict) -> dict:
+    def _compile_form(self, build: Build, form: str, options: CompileOptions, references: dict) -> dict:
         threshold = options.min_psnr_db if options.min_psnr_db is not None else DEFAULT_MIN_PSNR_DB[form]
-        staged = build.staging_dir(form)
         relative = f"compiled/{self.name}/{form}"
-        stages = Stages(len(build.components), quiet=quiet, name=f"compile {self.name} {form}")
+        stages = Stages(len(build.components), logger, name=f"compile {self.name} {form}")
         record = {"target": self.name, "form": form, "directory": relative, "components": {}}
-        try:
+        with build.staged(relative, label=form) as staged:
             for name in build.components:
                 with stages.stage(name):
                     record["components"][name] = self._compile_component(
                         build, name, form, staged, options, threshold, references
                     )
-            build.replace_dir(staged, relative)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
-            build.clean_staging()
         return record
 
     def _compile_component(self, build: Build, name: str, form: str, staged: Path, options, threshold, references):
@@ -189,29 +125,25 @@ class OrtCpuBackend(Backend):
         validation |= {"min_psnr_db": threshold, "seed": VALIDATION_SEED, "reference": f"exported {name}.onnx"}
         if sensitivity[0] is not None:
             validation["conditioning_sensitivity"] = {"reference": sensitivity[0], "compiled": sensitivity[1]}
-        if not validation["psnr_db"] >= threshold:
-            raise ValidationFailed(
-                f"{name} ({self.name} {form}): {validation['psnr_db']} dB PSNR against the exported model, below "
-                f"the {threshold} dB threshold; the compiled form was not written (lower it with --min-psnr)"
-            )
+        require_psnr(validation, where=f"{name} ({self.name} {form})", consequence="the compiled form was not written")
         files = sorted(p.name for p in staged.iterdir() if p.name.startswith(f"{name}."))
         return {"onnx": f"{name}.onnx", "files": files, "ops": _op_counts(target), "validation": validation}
 
-    def profile(self, build: Build, targets: list, form: str | None, runs: int, quiet: bool = False) -> list[dict]:
-        return [self._profile_form(build, form or target.form, runs, quiet) for target in targets]
+    def profile(self, build: Build, targets: list, form: str | None, runs: int) -> list[dict]:
+        return [self._profile_form(build, form or target.form, runs) for target in targets]
 
-    def _profile_form(self, build: Build, form: str, runs: int, quiet: bool) -> dict:
+    def _profile_form(self, build: Build, form: str, runs: int) -> dict:
         key = f"{self.name}/{form}"
         record = build.compiled(key)
         threads = int(os.environ.get("MVD_ORT_THREADS", "0")) or os.cpu_count()
         # Measured in the same run as the model, so efficiency budgets compare like with like.
         device = {"name": cpu_name(), "threads": threads, "gemm_gflops": round(gemm_gflops(threads), 1)}
         profile = new_profile(self.name, form, build, device, runs)
-        stages = Stages(len(record["components"]), quiet=quiet, name=f"profile {key}")
+        stages = Stages(len(record["components"]), logger, name=f"profile {key}")
         for name in record["components"]:
             with stages.stage(f"{name}: warm-up + {runs} timed runs + 1 profiled run"):
                 model = build.path / record["directory"] / f"{name}.onnx"
-                measured = _profile_in_worker(build, name, model, runs, threads, quiet)
+                measured = _profile_in_worker(build, name, model, runs, threads)
                 # the compiled form's PSNR against the export, so a gate needs the profile alone
                 measured["psnr_db"] = record["components"][name]["validation"]["psnr_db"]
                 measured["flops"] = build.components[name]["flops"]
@@ -287,10 +219,11 @@ def _quantize(build: Build, name: str, form: str, source: Path, out: Path, optio
         )
 
 
-def _profile_in_worker(build: Build, component: str, model: Path, runs: int, threads: int, quiet: bool) -> dict:
+def _profile_in_worker(build: Build, component: str, model: Path, runs: int, threads: int) -> dict:
     inputs_path = model.parent / f".{component}-profile-inputs.npz"
     np.savez(inputs_path, **build.random_inputs(component, VALIDATION_SEED))
     command = [sys.executable, "-m", "mvd_deploy.backends.ort_worker", str(model), str(inputs_path), str(runs)]
+    quiet = not logger.isEnabledFor(logging.INFO)  # the worker's bar follows this module's progress lines
     command += [str(threads)] + ([] if quiet else ["--progress"])
     try:
         # Not quiet: the worker's stderr (its progress bar, any error) goes straight to the terminal.

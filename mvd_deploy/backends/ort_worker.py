@@ -19,8 +19,9 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from mvd_deploy.metrics import latency_summary, top_ops
+
 WARMUP = 2
-TOP = 10
 
 
 def _session(model: str, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
@@ -44,16 +45,7 @@ def _top_ops(trace_path: str, total_ms: float) -> tuple[list[dict], dict[str, in
         name = event["name"][: -len("_kernel_time")]
         entry = per_node.setdefault(name, {"name": name, "op_type": event["args"].get("op_name", "?"), "us": 0})
         entry["us"] += event["dur"]
-    ranked = sorted(per_node.values(), key=lambda e: -e["us"])[:TOP]
-    top = [
-        {
-            "name": e["name"],
-            "op_type": e["op_type"],
-            "ms": round(e["us"] / 1000, 3),
-            "share": round(e["us"] / 1000 / total_ms, 4) if total_ms else None,
-        }
-        for e in ranked
-    ]
+    top = top_ops(((e["name"], e["op_type"], e["us"] / 1000) for e in per_node.values()), total_ms)
     by_type: dict[str, int] = defaultdict(int)
     for e in per_node.values():
         by_type[e["op_type"]] += 1
@@ -88,12 +80,7 @@ def main() -> None:
         profiled.run(None, inputs)
         top, nodes_by_type = _top_ops(profiled.end_profiling(), float(np.median(latencies)))
     result = {
-        "latency_ms": {
-            "p50": round(float(np.percentile(latencies, 50)), 3),
-            "p90": round(float(np.percentile(latencies, 90)), 3),
-            "min": round(float(np.min(latencies)), 3),
-            "mean": round(float(np.mean(latencies)), 3),
-        },
+        "latency_ms": latency_summary(latencies),
         "load_ms": {"first": round(load_ms, 1), "warm": round(warm_load_ms, 1)},
         "peak_memory_mb": round(peak_mb, 1),
         "compute_units": {"CPU": sum(nodes_by_type.values())},

@@ -24,6 +24,7 @@ import configparser
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,12 +36,16 @@ from pathlib import Path
 import numpy as np
 
 from mvd_deploy.backends.base import Backend, CompileOptions, finish_profile, new_profile, with_calibration
-from mvd_deploy.backends.ort_cpu import pipeline_inputs, relative_change
+from mvd_deploy.backends.inputs import pipeline_inputs
 from mvd_deploy.build import Build, Graph
 from mvd_deploy.errors import MvdError
-from mvd_deploy.onnx_tools import compare, ort_session
+from mvd_deploy.metrics import compare, latency_summary, relative_change
+from mvd_deploy.metrics import top_ops as rank_top_ops
+from mvd_deploy.onnx_tools import ort_session
 from mvd_deploy.parts import graph_feeds, split_for_targets
 from mvd_deploy.progress import Stages
+
+logger = logging.getLogger(__name__)
 
 NOT_CONFIGURED = (
     "Qualcomm AI Hub is not configured: run `qai-hub configure --api_token <your token>` "
@@ -69,8 +74,9 @@ class LocalError(MvdError):
     exit_code = 1
 
 
-def _client():
-    """The qai_hub module (tests replace this with a signature-checked double)."""
+def hub_client():
+    """The qai_hub client module, for everything that talks to AI Hub (tests replace this with a
+    signature-checked double)."""
     import qai_hub
 
     return qai_hub
@@ -285,7 +291,7 @@ class QaiHubBackend(Backend):
 
     def _hub(self):
         if self.hub is None:
-            self.hub = _client()
+            self.hub = hub_client()
         return self.hub
 
     # -- jobs, recorded in the build ---------------------------------------------------------------
@@ -324,12 +330,12 @@ class QaiHubBackend(Backend):
         return job
 
     # -- compile -----------------------------------------------------------------------------------
-    def compile(self, build: Build, targets: list, options: CompileOptions, quiet: bool = False) -> dict[str, dict]:
+    def compile(self, build: Build, targets: list, options: CompileOptions) -> dict[str, dict]:
         targets = with_calibration(targets, options)
         hub = self._hub()
         graphs = compile_graphs(build, targets)
         quantizing = any(t.precision == "w8a16" for t in targets)
-        stages = Stages(4 + quantizing, quiet=quiet, name="compile qai-hub")
+        stages = Stages(4 + quantizing, logger, name="compile qai-hub")
         with hub_session(hub, build.path):
             with stages.stage(f"upload {len(graphs)} ONNX graphs"):
                 build.record_files()
@@ -466,7 +472,6 @@ class QaiHubBackend(Backend):
     def _download(self, build: Build, target, chosen: tuple, qairt, jobs: dict) -> dict:
         """The target's compiled graphs, with the contract each really has (I/O as compiled)."""
         device, offered = chosen
-        staged = build.staging_dir(f"{target.name}-{target.form}")
         relative = f"compiled/{target.name}/{target.form}"
         record = {
             "target": target.name,
@@ -486,17 +491,13 @@ class QaiHubBackend(Backend):
                 "options": QUANTIZE_OPTIONS,
                 "calibration_samples": target.calibration_samples,
             }
-        try:
+        with build.staged(relative, label=f"{target.name}-{target.form}") as staged:
             for component in build.components:
                 entries = []
                 for graph in build.graphs(component):
                     job = jobs[target.name, graph.name]
                     entries.append(self._download_graph(build, target, graph, job, staged, qairt))
                 record["components"][component] = {"graphs": entries}
-            build.replace_dir(staged, relative)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
-            build.clean_staging()
         return record
 
     def _download_graph(self, build: Build, target, graph: Graph, job, staged: Path, qairt) -> dict:
@@ -532,9 +533,9 @@ class QaiHubBackend(Backend):
         return entry
 
     # -- profile and on-device check ---------------------------------------------------------------
-    def profile(self, build: Build, targets: list, form: str | None, runs: int, quiet: bool = False) -> list[dict]:
+    def profile(self, build: Build, targets: list, form: str | None, runs: int) -> list[dict]:
         hub = self._hub()
-        stages = Stages(2, quiet=quiet, name="profile qai-hub")
+        stages = Stages(2, logger, name="profile qai-hub")
         feeds: dict[str, list[dict]] = {}  # component → per graph {input: [sample 1, sample 2]}
         with hub_session(hub, build.path):
             jobs, records = {}, {}
@@ -731,12 +732,7 @@ def parse_hub_profile(profile: dict) -> dict:
     p50 = float(np.median(times))
     peak = peak_memory_bytes(summary)
     return {
-        "latency_ms": {
-            "p50": round(p50, 3),
-            "p90": round(float(np.percentile(times, 90)), 3),
-            "min": round(min(times), 3),
-            "mean": round(float(np.mean(times)), 3),
-        },
+        "latency_ms": latency_summary(times),
         "load_ms": {"first": _ms(summary.get("first_load_time")), "warm": _ms(summary.get("warm_load_time"))},
         "peak_memory_mb": round(peak / 2**20, 1) if peak else None,
         "compute_units": dict(Counter(layer["compute_unit"] for layer in layers)),
@@ -751,15 +747,7 @@ def top_ops(layers: list[dict], p50_ms: float) -> list[dict]:
         (layer for layer in layers if layer.get("execution_time") is not None), key=lambda x: -x["execution_time"]
     )
     if timed:
-        return [
-            {
-                "name": layer["name"],
-                "op_type": layer["type"],
-                "ms": round(layer["execution_time"] / 1000, 3),
-                "share": round(layer["execution_time"] / 1000 / p50_ms, 4) if p50_ms else None,
-            }
-            for layer in timed[:10]
-        ]
+        return rank_top_ops(((layer["name"], layer["type"], layer["execution_time"] / 1000) for layer in timed), p50_ms)
     cycled = sorted((layer for layer in layers if layer.get("execution_cycles")), key=lambda x: -x["execution_cycles"])
     total = sum(layer["execution_cycles"] for layer in cycled)
     return [

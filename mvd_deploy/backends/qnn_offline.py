@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import re
 import shutil
@@ -30,14 +31,22 @@ from pathlib import Path
 import numpy as np
 
 from mvd_deploy import htp
-from mvd_deploy.backends.base import Backend, CompileOptions, finish_profile, new_profile, with_calibration
-from mvd_deploy.backends.ort_cpu import VALIDATION_SEED, conditioning_sensitivity, cpu_name, pipeline_inputs
+from mvd_deploy.backends.base import (
+    Backend,
+    CompileOptions,
+    cpu_name,
+    finish_profile,
+    new_profile,
+    with_calibration,
+)
+from mvd_deploy.backends.inputs import VALIDATION_SEED, pipeline_inputs
 from mvd_deploy.build import Build
 from mvd_deploy.device_profiles import HUB_PRECISIONS
 from mvd_deploy.errors import MvdError, ValidationFailed
-from mvd_deploy.onnx_tools import compare, describe_io, ort_session, quiet_ort_quantizer
+from mvd_deploy.metrics import compare, conditioning_sensitivity, require_psnr
+from mvd_deploy.onnx_tools import describe_io, ort_session, quiet_ort_quantizer
 from mvd_deploy.parts import graph_feeds, split_for_targets
-from mvd_deploy.progress import Stages
+from mvd_deploy.progress import Stages, progress_bar
 
 QNN_EP = "QNNExecutionProvider"
 FORMS = HUB_PRECISIONS  # the phone profiles' precisions: float16, w8a16
@@ -66,6 +75,7 @@ _FAILED_UNIT = re.compile(
     r"Validation FAILED for \d+ nodes in \w+ \((\w+)\) :\n((?:\s*Operator type: .*\n)+)(?:\s*REASON : (.*))?"
 )
 _UNIT_NODE = re.compile(r"Operator type: (\S+) Node name: (.*?) Node index")
+logger = logging.getLogger(__name__)
 
 
 def offline_form(precision: str) -> str:
@@ -85,8 +95,9 @@ SESSION_CONFIG = {"session.disable_cpu_ep_fallback": "1"}  # an unsupported node
 def require_chipset(target):
     if target.chipset is None:
         raise MvdError(
-            f"{target.source}: key 'chipset': needed for --offline (the SoC the QNN compiler targets, "
-            "e.g. chipset: {name: SM8650, soc_model: 57, htp_arch: 75})"
+            f"{target.source}: key 'chipset': needed for offline (the SoC the QNN compiler targets, "
+            "e.g. chipset: {name: SM8650, soc_model: 57, htp_arch: 75})",
+            parameter="offline",
         )
     return target.chipset
 
@@ -98,8 +109,9 @@ def qnn_runtime():
         import onnxruntime_qnn
     except ImportError:
         raise MvdError(
-            "--offline needs the onnxruntime-qnn package (`make setup` installs it; "
-            "pip install 'onnxruntime-qnn==2.7.*')"
+            "offline needs the onnxruntime-qnn package (`make setup` installs it; "
+            "pip install 'onnxruntime-qnn==2.7.*')",
+            parameter="offline",
         ) from None
     import onnxruntime as ort
 
@@ -348,7 +360,7 @@ def calibrate_min_max(source: Path, reader, cache: Path, *, config) -> Path:
         calibrator.infer_session = onnxruntime.InferenceSession(
             calibrator.augmented_model_path, sess_options=options, providers=["CPUExecutionProvider"]
         )
-        for index in range(len(reader)):
+        for index in progress_bar(logger, range(len(reader)), desc="      calibration", unit="sample", leave=False):
             reader.set_range(index, index + 1)
             calibrator.collect_data(reader)  # runs one sample and folds its min/max into the ranges
         save_tensors_data(calibrator.compute_data(), cache)
@@ -456,10 +468,10 @@ class QnnOfflineBackend(Backend):
         profile's own."""
         wanted = (form or target.precision).removesuffix("-offline")
         if wanted not in FORMS:
-            raise MvdError(f"--form: the offline QNN forms are {', '.join(FORMS)}, got {form!r}")
+            raise MvdError(f"form: the offline QNN forms are {', '.join(FORMS)}, got {form!r}", parameter="form")
         return wanted
 
-    def compile(self, build: Build, targets: list, options: CompileOptions, quiet: bool = False) -> dict[str, dict]:
+    def compile(self, build: Build, targets: list, options: CompileOptions) -> dict[str, dict]:
         targets = with_calibration(targets, options)
         plan = [(target, self.precision(target, options.form)) for target in targets]
         for target, _ in plan:  # refuse bad input before any long work
@@ -474,7 +486,7 @@ class QnnOfflineBackend(Backend):
                 key = f"{target.name}/{offline_form(precision)}"
                 same = (precision, target.calibration_samples, target.chipset, options.min_psnr_db)
                 records[key] = self._compile_target(
-                    build, target, precision, options, quiet, work, records.get(done.get(same))
+                    build, target, precision, options, work, records.get(done.get(same))
                 )
                 done.setdefault(same, key)
                 build.manifest.setdefault("compiled", {})[key] = records[key]
@@ -484,9 +496,7 @@ class QnnOfflineBackend(Backend):
             build.clean_staging()
         return records
 
-    def _compile_target(
-        self, build: Build, target, precision: str, options: CompileOptions, quiet: bool, work: Path, twin
-    ) -> dict:
+    def _compile_target(self, build: Build, target, precision: str, options: CompileOptions, work: Path, twin) -> dict:
         chipset = target.chipset
         form = offline_form(precision)
         relative = f"compiled/{target.name}/{form}"
@@ -519,9 +529,8 @@ class QnnOfflineBackend(Backend):
             quantize = [g for gs in graphs.values() for g in gs if precision == "w8a16"]
             steps = sum(map(len, graphs.values())) + sum(emulate.values())
             steps += sum(not _qdq_path(work, g, target).exists() for g in quantize)
-        stages = Stages(steps, quiet=quiet, name=f"compile {self.name} {target.name} {form}")
-        staged = build.staging_dir(f"{target.name}-{form}")
-        try:
+        stages = Stages(steps, logger, name=f"compile {self.name} {target.name} {form}")
+        with build.staged(relative, label=f"{target.name}-{form}") as staged:
             if twin is not None:
                 with stages.stage(f"same {chipset.name} binaries as {twin['target']}"):
                     shutil.copytree(build.path / twin["directory"], staged, dirs_exist_ok=True)
@@ -538,12 +547,12 @@ class QnnOfflineBackend(Backend):
                         with stages.stage(f"{component}: emulated check on the HTP emulator"):
                             compiled = [staged / g["file"] for g in record["components"][component]["graphs"]]
                             check = emulated_check(build, component, precision, compiled, chipset, threshold)
-                        if not check["psnr_db"] >= threshold:
-                            raise ValidationFailed(
-                                f"{component} ({target.name} {form}): emulated PSNR {check['psnr_db']} dB against "
-                                f"the exported model, below the {threshold} dB threshold; nothing was written "
-                                "(lower it with --min-psnr)"
-                            )
+                        require_psnr(
+                            check,
+                            where=f"{component} ({target.name} {form})",
+                            consequence="nothing was written",
+                            emulated=True,
+                        )
                         record["components"][component]["validation"] = check
                     else:
                         record["components"][component]["validation"] = None
@@ -552,9 +561,6 @@ class QnnOfflineBackend(Backend):
                             f"not run (estimated {estimate:.0f} s on the HTP emulator); "
                             "run it with --emulate (compile or profile)"
                         )
-            build.replace_dir(staged, relative)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
         return record
 
     def _compile_component(self, build, component, graphs, target, precision, staged, work, stages) -> dict:
@@ -609,7 +615,6 @@ class QnnOfflineBackend(Backend):
         targets: list,
         form: str | None,
         runs: int,
-        quiet: bool = False,
         *,
         emulate: bool | None = None,
     ) -> list[dict]:
@@ -631,7 +636,7 @@ class QnnOfflineBackend(Backend):
             profile["not_measured"] = {"latency_ms": NO_PHONE_TIMING, "peak_memory_mb": NO_PHONE_MEMORY}
             threshold = DEFAULT_MIN_PSNR_DB[precision]
             components = record["components"]
-            stages = Stages(len(components), quiet=quiet, name=f"profile {self.name} {key}")
+            stages = Stages(len(components), logger, name=f"profile {self.name} {key}")
             for name, entry in components.items():
                 check = entry.get("validation")
                 if emulate or (emulate is None and check is None and will_emulate(build, name, precision, None)):

@@ -8,7 +8,8 @@ diffusers SVD UNet checkpoint, and adds:
   * temporal multiscaling: frames halved (mean of frame pairs) after the first down block, restored
     (nearest, each frame repeated) before the last up block; the skips consumed by the last up block
     stay at the full frame rate.
-The forward follows diffusers' ``UNetSpatioTemporalConditionModel.forward`` step by step, with the
+The forward follows diffusers' ``UNetSpatioTemporalConditionModel.forward`` step by step (its
+numbered steps, as of diffusers 0.42.1, ``models/unets/unet_spatio_temporal_condition.py``), with the
 frame count tracked per level.
 """
 
@@ -144,7 +145,9 @@ class MobileVDUNet(nn.Module):
         return emb + self.add_embedding(time_embeds)
 
     def forward(self, sample, encoder_hidden_states, timestep=None, added_time_ids=None) -> torch.Tensor:
+        # Mirrors diffusers 0.42.1 UNetSpatioTemporalConditionModel.forward; steps numbered as there.
         batch, frames = sample.shape[:2]
+        # 1. time (once the conditioning is folded: the embedding the deploy pass computed)
         if self.conditioning_folded:
             emb = self.folded_emb.expand(batch, -1)
         else:
@@ -164,8 +167,10 @@ class MobileVDUNet(nn.Module):
             return block(hidden_states=hidden, **kwargs, **extra)
 
         multiscale = self.spec.mobilevd.temporal_multiscaling
+        # 2. pre-process: frames into the batch
         x = self.conv_in(sample.flatten(0, 1))
         skips = [x]
+        # 3. down (temporal multiscaling: frames halved after the first level)
         for level, block in enumerate(self.down_blocks):
             x, res = run(block, x, frames)
             skips.extend(res)
@@ -174,8 +179,10 @@ class MobileVDUNet(nn.Module):
                 skips[-1] = x  # the down sampler's output feeds the next level, at the halved rate
                 frames //= 2
 
+        # 4. mid
         x = run(self.mid_block, x, frames)
 
+        # 5. up (temporal multiscaling: frames restored before the last level)
         for level, block in enumerate(self.up_blocks):
             res, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
             if level == len(self.up_blocks) - 1 and multiscale:
@@ -183,5 +190,7 @@ class MobileVDUNet(nn.Module):
                 frames *= 2
             x = run(block, x, frames, res_hidden_states_tuple=tuple(res))
 
+        # 6. post-process
         x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        # 7. reshape back to (batch, frames, channels, height, width)
         return x.reshape(batch, frames, *x.shape[1:])

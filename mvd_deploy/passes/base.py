@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mvd_deploy.errors import MvdError
+from mvd_deploy.flops import count_flops, count_model_flops
 
 
 class PassError(MvdError):
@@ -43,8 +44,6 @@ class DeployPipeline(nn.Module):
 
     def flops(self, component: str) -> int:
         """FLOPs of one call of ``component`` at the deploy shape (meta stand-ins); 0 when absent."""
-        from mvd_deploy.flops import count_flops, count_model_flops
-
         if component == "unet":
             return count_model_flops(self.unet).total
         if self.decoder is None:
@@ -53,11 +52,12 @@ class DeployPipeline(nn.Module):
 
 
 class Pass:
-    """Subclasses set ``name``, ``exact`` and ``component`` and implement ``run``.
+    """Subclasses set ``name``, ``exact`` and ``component`` and implement ``call`` (and ``why_not``
+    where a pass has preconditions).
 
-    ``run`` rewrites the pipeline in place and returns what it changed, in words ("" when nothing:
-    every pass is idempotent). ``why_not`` returns a reason when the pass cannot run on this
-    pipeline, checked by the manager before ``run``.
+    A pass is called: ``deploy_pass(pipeline)`` checks ``why_not`` (a reason the pass cannot run on
+    this pipeline, or None) every time, then ``call`` rewrites the pipeline in place and returns what
+    it changed, in words ("" when nothing: every pass is idempotent). As torch.fx's PassBase.
     """
 
     name: ClassVar[str]
@@ -67,8 +67,16 @@ class Pass:
     def __init__(self, options: PassOptions | None = None):
         self.options = options or PassOptions()
 
+    def __call__(self, pipeline: DeployPipeline, *, position: int | None = None) -> str:
+        """Run the pass on ``pipeline``; ``position`` (1-based, in a list of passes) is named in the error."""
+        reason = self.why_not(pipeline)
+        if reason:
+            where = f" (number {position} in the list)" if position is not None else ""
+            raise PassError(f"pass {self.name!r}{where} cannot run: {reason}")
+        return self.call(pipeline)
+
     def why_not(self, pipeline: DeployPipeline) -> str | None:
         return None
 
-    def run(self, pipeline: DeployPipeline) -> str:
+    def call(self, pipeline: DeployPipeline) -> str:
         raise NotImplementedError

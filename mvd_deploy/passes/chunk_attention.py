@@ -58,7 +58,7 @@ class ChunkAttention(Pass):
             ):
                 yield path, module
 
-    def run(self, pipeline: DeployPipeline) -> str:
+    def call(self, pipeline: DeployPipeline) -> str:
         size = self.options.attention_chunk_tokens
         changed = 0
         for _, attn in self._targets(pipeline):

@@ -35,7 +35,7 @@ class FoldConditioning(Pass):
         return None
 
     @torch.no_grad()
-    def run(self, pipeline: DeployPipeline) -> str:
+    def call(self, pipeline: DeployPipeline) -> str:
         unet = pipeline.unet
         if unet.conditioning_folded:
             return ""

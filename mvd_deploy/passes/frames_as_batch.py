@@ -96,7 +96,7 @@ class FramesAsBatch(Pass):
                 return f"{path}: its mixer swaps spatial and temporal"
         return None
 
-    def run(self, pipeline: DeployPipeline) -> str:
+    def call(self, pipeline: DeployPipeline) -> str:
         rewritten = 0
         for _, unit in _kept_units(pipeline.unet):
             if type(unit) is not FramesAsBatchSpatioTemporalResBlock:

@@ -8,6 +8,7 @@ structure, never anything that depends on the spatial size), so full-size models
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -15,8 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mvd_deploy.passes import PASSES, DeployPipeline, Pass, PassError, PassOptions
+from mvd_deploy.progress import progress_bar
 
 DEFAULT_TOLERANCE = 1e-4
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,15 +40,18 @@ class PassResult:
         return asdict(self)
 
 
-def make_passes(names, options: PassOptions | None = None) -> list[Pass]:
-    """Pass instances for ``names``, in order; unknown or repeated names are refused."""
+def make_passes(names, options: PassOptions | None = None, *, source: str | None = None) -> list[Pass]:
+    """Pass instances for ``names``, in order; unknown or repeated names are refused. The one place
+    pass names are checked: ``source`` says where a configured list came from (``<file>: key
+    'mobilevd.deploy_passes'``) and starts the error."""
+    prefix = f"{source}: " if source else ""
     seen = set()
     passes = []
     for name in names:
         if name not in PASSES:
-            raise PassError(f"unknown pass {name!r}; known passes: {', '.join(PASSES)}")
+            raise PassError(f"{prefix}unknown pass {name!r}; known passes: {', '.join(PASSES)}")
         if name in seen:
-            raise PassError(f"pass {name!r} is named twice; every pass is idempotent, name it once")
+            raise PassError(f"{prefix}pass {name!r} is named twice; every pass is idempotent, name it once")
         seen.add(name)
         passes.append(PASSES[name](options))
     return passes
@@ -60,66 +66,98 @@ def _params(module) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
+class _Counts:
+    """Parameters and FLOPs per component, as the last pass left them (a pass starts from its
+    predecessor's counts instead of counting again)."""
+
+    def __init__(self, pipeline: DeployPipeline):
+        self.pipeline, self.counted = pipeline, {}
+
+    def before(self, component: str) -> tuple[int, int]:
+        if component not in self.counted:
+            self.recount(component)
+        return self.counted[component]
+
+    def recount(self, component: str) -> tuple[int, int]:
+        module = self.pipeline.components().get(component)
+        self.counted[component] = (_params(module), self.pipeline.flops(component))
+        return self.counted[component]
+
+
+class _EquivalenceCheck:
+    """The UNet's output on fixed inputs at a reduced latent size, compared after each exact pass
+    with the output before it (None figures where unchecked: meta weights, or check=False)."""
+
+    def __init__(self, pipeline: DeployPipeline, enabled: bool, tolerance: float, seed: int):
+        unet = pipeline.unet
+        self.pipeline, self.tolerance, self.seed = pipeline, tolerance, seed
+        self.enabled = enabled and unet.conv_in.weight.device.type != "meta"
+        self.hw = check_latent_hw(unet)
+        self.reference = self._unet_output() if self.enabled else None
+
+    def _unet_output(self) -> torch.Tensor:
+        unet = self.pipeline.unet
+        return unet(**unet.example_inputs(seed=self.seed, latent_hw=self.hw))
+
+    def after(self, p: Pass) -> tuple[float | None, float | None]:
+        """(max abs error, relative error) of an exact pass against its input; PassError past tolerance."""
+        if not (self.enabled and p.exact):
+            return None, None
+        output = self._unet_output()
+        max_abs = float((output - self.reference).abs().max())
+        rel = max_abs / max(float(self.reference.abs().max()), 1e-30)
+        if not rel <= self.tolerance:  # also catches NaN
+            raise PassError(
+                f"pass {p.name!r} broke equivalence: max abs error {max_abs:.3g}, relative {rel:.3g} "
+                f"> tolerance {self.tolerance:g}"
+            )
+        self.reference = output  # the next pass is checked against this pass's output
+        return max_abs, rel
+
+    def decoder_finite(self, p: Pass) -> None:
+        if self.enabled and p.component == "decoder" and self.pipeline.decoder is not None:
+            frames = self.pipeline.decoder(self.reference)
+            if not torch.isfinite(frames).all():
+                raise PassError(f"pass {p.name!r}: the decoder produced non-finite frames")
+
+
 def run_passes(
     pipeline: DeployPipeline,
     passes: list[Pass],
+    *,
     check: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 0,
-    progress=None,
 ) -> list[PassResult]:
     """Run ``passes`` in order on ``pipeline`` (in place); one result per pass.
 
     Raises PassError when a pass cannot run at its place in the list, or when an exact pass changed
     the outputs by more than ``tolerance``.
     """
-    unet = pipeline.unet
-    check = check and unet.conv_in.weight.device.type != "meta"
-    hw = check_latent_hw(unet)
     results = []
-    counted: dict[str, tuple[int, int]] = {}  # component -> (params, FLOPs) as the last pass left it
     with torch.no_grad():
-        inputs = unet.example_inputs(seed=seed, latent_hw=hw)
-        reference = unet(**inputs) if check else None
-        for i, p in enumerate(passes):
-            if progress:
-                progress(i, len(passes), p.name)
-            reason = p.why_not(pipeline)
-            if reason:
-                raise PassError(f"pass {p.name!r} (number {i + 1} in the list) cannot run: {reason}")
-            component = p.component
-            if component not in counted:  # later passes start from the previous pass's counts
-                counted[component] = (_params(pipeline.components().get(component)), pipeline.flops(component))
-            params_before, flops_before = counted[component]
+        counts = _Counts(pipeline)
+        equivalence = _EquivalenceCheck(pipeline, check, tolerance, seed)
+        bar = progress_bar(logger, passes, desc="      passes", unit="pass", leave=False)
+        for position, p in enumerate(bar, 1):
+            bar.set_postfix_str(p.name)
+            params_before, flops_before = counts.before(p.component)
             start = time.perf_counter()
-            changed = p.run(pipeline)
+            changed = p(pipeline, position=position)
             seconds = time.perf_counter() - start
-            max_abs = rel = None
-            if check and p.exact:
-                output = unet(**unet.example_inputs(seed=seed, latent_hw=hw))
-                max_abs = float((output - reference).abs().max())
-                rel = max_abs / max(float(reference.abs().max()), 1e-30)
-                if not rel <= tolerance:  # also catches NaN
-                    raise PassError(
-                        f"pass {p.name!r} broke equivalence: max abs error {max_abs:.3g}, relative {rel:.3g} "
-                        f"> tolerance {tolerance:g}"
-                    )
-                reference = output  # the next pass is checked against this pass's output
-            if check and component == "decoder" and pipeline.decoder is not None:
-                frames = pipeline.decoder(reference)
-                if not torch.isfinite(frames).all():
-                    raise PassError(f"pass {p.name!r}: the decoder produced non-finite frames")
-            counted[component] = (_params(pipeline.components().get(component)), pipeline.flops(component))
+            max_abs, rel = equivalence.after(p)
+            equivalence.decoder_finite(p)
+            params_after, flops_after = counts.recount(p.component)
             results.append(
                 PassResult(
                     name=p.name,
-                    component=component,
+                    component=p.component,
                     exact=p.exact,
                     changed=changed,
                     params_before=params_before,
-                    params_after=counted[component][0],
+                    params_after=params_after,
                     flops_before=flops_before,
-                    flops_after=counted[component][1],
+                    flops_after=flops_after,
                     max_abs_error=max_abs,
                     rel_error=rel,
                     seconds=round(seconds, 3),

@@ -9,7 +9,7 @@ from mvd_deploy.passes.base import DeployPipeline, Pass
 class MergeFunnels(Pass):
     name = "merge_funnels"
 
-    def run(self, pipeline: DeployPipeline) -> str:
+    def call(self, pipeline: DeployPipeline) -> str:
         merged = 0
         for path, module in list(pipeline.unet.named_modules()):
             if isinstance(module, FunnelLinear):

@@ -29,7 +29,7 @@ class SingleTokenCrossAttentionPass(Pass):
                 return f"{path} is not a plain cross-attention ({', '.join(extras) or 'residual/rescale'})"
         return None
 
-    def run(self, pipeline: DeployPipeline) -> str:
+    def call(self, pipeline: DeployPipeline) -> str:
         rewritten = 0
         for path, attn in list(_cross_attentions(pipeline.unet)):
             parent, _, child = path.rpartition(".")

@@ -15,7 +15,7 @@ from mvd_deploy.passes.base import DeployPipeline, Pass
 class StripTemporal(Pass):
     name = "strip_temporal"
 
-    def run(self, pipeline: DeployPipeline) -> str:
+    def call(self, pipeline: DeployPipeline) -> str:
         removed = 0
         for unit in pipeline.unet.modules():
             if isinstance(unit, GatedSpatioTemporalResBlock) and not unit.keep_temporal:

@@ -15,11 +15,10 @@ from mvd_deploy.errors import MvdError
 from mvd_deploy.fileio import load_json
 from mvd_deploy.model.decoder import TAESDDecoder
 from mvd_deploy.passes.base import DeployPipeline, Pass
+from mvd_deploy.weights import load_diffusers_weights
 
 
 def load_autoencoder_tiny(directory: Path) -> AutoencoderTiny:
-    from mvd_deploy.checkpoint import load_diffusers_weights
-
     config_path = directory / "config.json"
     config = load_json(config_path, "AutoencoderTiny config")
     if not isinstance(config, dict):
@@ -43,7 +42,7 @@ class TAESDDecoderPass(Pass):
             return f"TAESD decodes 4 latent channels; this UNet outputs {latent}"
         return None
 
-    def run(self, pipeline: DeployPipeline) -> str:
+    def call(self, pipeline: DeployPipeline) -> str:
         if pipeline.decoder is not None:
             return ""
         directory = self.options.taesd_dir
