@@ -6,7 +6,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from mvd_deploy.checkpoint import CheckpointInfo, load_checkpoint
+from mvd_deploy.checkpoint import CheckpointInfo, load_checkpoint, load_encoders
 from mvd_deploy.errors import MvdError
 from mvd_deploy.passes import DEFAULT_PASSES, DeployPipeline, PassOptions
 from mvd_deploy.passes.manager import DEFAULT_TOLERANCE, PassResult, make_passes, run_passes
@@ -65,10 +65,11 @@ def deploy(
         unet, info = load_checkpoint(checkpoint)
         if recipe is not None:
             unet.spec = info.spec = with_recipe(info.spec, recipe)
+        encoders = load_encoders(info)  # the conditioning encoders are deployed as they are
     names = pass_names(info, passes, keep_conditioning_inputs)
     options = PassOptions(taesd_dir=Path(taesd_dir) if taesd_dir else None, decoder_seed=decoder_seed)
     deploy_passes = make_passes(names, options)
-    pipeline = DeployPipeline(unet)
+    pipeline = DeployPipeline(unet, **encoders)
 
     def progress(i, n, name):
         if not quiet:

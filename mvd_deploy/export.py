@@ -32,8 +32,13 @@ from mvd_deploy.recipe import recipe_file
 from mvd_deploy.stages import stage_table
 
 BUILD_VERSION = 1
-COMPONENTS = ("unet", "decoder")
-OUTPUT_NAMES = {"unet": "model_output", "decoder": "frames"}
+COMPONENTS = ("image_encoder", "vae_encoder", "unet", "decoder")  # in the order the pipeline runs them
+OUTPUT_NAMES = {
+    "image_encoder": "image_embeds",
+    "vae_encoder": "image_latents",
+    "unet": "model_output",
+    "decoder": "frames",
+}
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 MIN_PSNR_DB = {"fp32": 80.0, "fp16": 40.0}
 VALIDATION_SEED = 0
@@ -56,6 +61,11 @@ def component_inputs(pipeline, component: str, seed: int = VALIDATION_SEED) -> d
     unet = pipeline.unet
     if component == "unet":
         return unet.example_inputs(seed=seed)
+    if component in ("image_encoder", "vae_encoder"):  # normalised CLIP pixels; an image in [-1, 1]
+        name = "pixel_values" if component == "image_encoder" else "image"
+        shape = pipeline.encoder_input_shape(component)
+        pixels = torch.rand(shape, generator=torch.Generator().manual_seed(seed + 2)) * 2 - 1
+        return {name: pixels * 2 if component == "image_encoder" else pixels}
     return {"latents": torch.randn(pipeline.decoder_input_shape(), generator=torch.Generator().manual_seed(seed + 1))}
 
 
@@ -109,6 +119,9 @@ def export_build(
         "recipe": str(recipe) if recipe else None,
         "precision": precision,
         "conditioning": "inputs" if not pipeline.unet.conditioning_folded else "folded",
+        # the 1-step sampler: folded into the UNet (its output is the clean latent), or the app's to run
+        "sampler": "folded" if pipeline.unet.sampler is not None else "outside",
+        "decoder_source": {"taesd_dir": str(taesd_dir) if taesd_dir else None, "decoder_seed": decoder_seed},
         "video": info.spec.mobilevd.video.__dict__,
         "checkpoint_sha256": {f: sha256_file(Path(checkpoint) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)},
         "recipe_sha256": hashlib.sha256(recipe_file(recipe).read_bytes()).hexdigest() if recipe else None,

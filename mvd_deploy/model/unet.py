@@ -61,6 +61,9 @@ class MobileVDUNet(nn.Module):
             setattr(self, name, getattr(base, name))
         # Set by the fold_conditioning pass: the fixed time + added-time embedding, (1, time_embed_dim).
         self.register_buffer("folded_emb", None)
+        # Set by the fold_sampler pass (mvd_deploy.model.sampler.FoldedSampler): sample holds unit noise,
+        # the output is the 1-step sampler's clean latent.
+        self.sampler = None
         self.gate_kinds = install_gates(self)
         cfg = spec.mobilevd
         if cfg.temporal_multiscaling and len(self.down_blocks) < 2:
@@ -145,6 +148,8 @@ class MobileVDUNet(nn.Module):
 
     def forward(self, sample, encoder_hidden_states, timestep=None, added_time_ids=None) -> torch.Tensor:
         batch, frames = sample.shape[:2]
+        if self.sampler is not None:
+            sample, noisy_latent = self.sampler.scale_input(sample)
         if self.conditioning_folded:
             emb = self.folded_emb.expand(batch, -1)
         else:
@@ -184,4 +189,5 @@ class MobileVDUNet(nn.Module):
             x = run(block, x, frames, res_hidden_states_tuple=tuple(res))
 
         x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
-        return x.reshape(batch, frames, *x.shape[1:])
+        x = x.reshape(batch, frames, *x.shape[1:])
+        return x if self.sampler is None else self.sampler.combine(x, noisy_latent)

@@ -1,9 +1,10 @@
 """The pass manager: runs an ordered list of passes and proves each exact one kept the outputs.
 
 Every exact pass is checked against its own input model on fixed random inputs (fp32): the UNet's
-output before and after must agree to ``tolerance`` (max abs error relative to the output's
-largest magnitude). The check runs at a reduced latent size (the passes rewrite weights and layer
-structure, never anything that depends on the spatial size), so full-size models check in seconds.
+output before and after (as the 1-step sampler's clean latent, so that fold_sampler is checked too)
+must agree to ``tolerance`` (max abs error relative to the output's largest magnitude). The check
+runs at a reduced latent size (the passes rewrite weights and layer structure, never anything that
+depends on the spatial size), so full-size models check in seconds.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mvd_deploy.model.sampler import denoised
 from mvd_deploy.passes import PASSES, DeployPipeline, Pass, PassError, PassOptions
 
 DEFAULT_TOLERANCE = 1e-4
@@ -80,7 +82,7 @@ def run_passes(
     counted: dict[str, tuple[int, int]] = {}  # component -> (params, FLOPs) as the last pass left it
     with torch.no_grad():
         inputs = unet.example_inputs(seed=seed, latent_hw=hw)
-        reference = unet(**inputs) if check else None
+        reference = denoised(unet, inputs) if check else None
         for i, p in enumerate(passes):
             if progress:
                 progress(i, len(passes), p.name)
@@ -96,7 +98,7 @@ def run_passes(
             seconds = time.perf_counter() - start
             max_abs = rel = None
             if check and p.exact:
-                output = unet(**unet.example_inputs(seed=seed, latent_hw=hw))
+                output = denoised(unet, unet.example_inputs(seed=seed, latent_hw=hw))
                 max_abs = float((output - reference).abs().max())
                 rel = max_abs / max(float(reference.abs().max()), 1e-30)
                 if not rel <= tolerance:  # also catches NaN
