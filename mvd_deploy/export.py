@@ -27,6 +27,7 @@ from mvd_deploy.deploy import deploy
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.fileio import atomic_output_dir, check_output_dir, write_json
 from mvd_deploy.onnx_tools import Float32IO, check_onnx, compare, describe_io, export_onnx, run_onnx, simplify_onnx
+from mvd_deploy.pipeline import contract_of
 from mvd_deploy.progress import Stages
 from mvd_deploy.recipe import recipe_file
 from mvd_deploy.stages import stage_table
@@ -121,6 +122,8 @@ def export_build(
         "conditioning": "inputs" if not pipeline.unet.conditioning_folded else "folded",
         # the 1-step sampler: folded into the UNet (its output is the clean latent), or the app's to run
         "sampler": "folded" if pipeline.unet.sampler is not None else "outside",
+        # what an app needs to run the components as a pipeline (mvd_deploy.pipeline); None without encoders
+        "pipeline": contract_of(pipeline).to_dict() if pipeline.image_encoder is not None else None,
         "decoder_source": {"taesd_dir": str(taesd_dir) if taesd_dir else None, "decoder_seed": decoder_seed},
         "video": info.spec.mobilevd.video.__dict__,
         "checkpoint_sha256": {f: sha256_file(Path(checkpoint) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)},

@@ -22,6 +22,7 @@ component, so the PyTorch reference (``torch_runner``) and the compiled artifact
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,6 +88,63 @@ def vae_pixels(image: PIL.Image.Image, width: int, height: int) -> torch.Tensor:
     return VideoProcessor(vae_scale_factor=VAE_SCALE_FACTOR).preprocess(image, height=height, width=width)
 
 
+@dataclass(frozen=True)
+class PipelineContract:
+    """What an app needs to run the four components: sizes, the fixed conditioning values, and where
+    the sampler runs. Made from a model spec (``from_spec``) or a build's manifest (``from_dict``)."""
+
+    width: int
+    height: int
+    frames: int
+    clip_size: int
+    noise_shape: tuple[int, ...]  # (1, F, C, h, w)
+    timestep: float
+    fps_id: float
+    motion_bucket_id: float
+    noise_aug_strength: float
+    conditioning_folded: bool  # False: the UNet takes timestep and added_time_ids
+    sampler: EDMScalings
+    sampler_folded: bool  # False: the app scales the noise and combines the UNet's output
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, conditioning_folded: bool, sampler_folded: bool) -> PipelineContract:
+        video, cond = spec.mobilevd.video, spec.mobilevd.conditioning
+        shape = spec.latent_shape
+        return cls(
+            width=video.width,
+            height=video.height,
+            frames=video.frames,
+            clip_size=spec.image_encoder["image_size"],
+            noise_shape=(shape[0], shape[1], spec.unet["out_channels"], *shape[3:]),
+            timestep=cond.timestep,
+            fps_id=cond.fps_id,
+            motion_bucket_id=cond.motion_bucket_id,
+            noise_aug_strength=cond.noise_aug_strength,
+            conditioning_folded=conditioning_folded,
+            sampler=sampler_scalings(spec),
+            sampler_folded=sampler_folded,
+        )
+
+    @property
+    def fps(self) -> int:
+        """Frames per second of the video: SVD conditions on fps − 1."""
+        return round(self.fps_id) + 1
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["noise_shape"] = list(self.noise_shape)
+        d["sampler"] = self.sampler.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PipelineContract:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in fields}
+        values["noise_shape"] = tuple(d["noise_shape"])
+        values["sampler"] = EDMScalings(d["sampler"]["sigma"])
+        return cls(**values)
+
+
 @dataclass
 class PipelineInputs:
     """Everything the pipeline's components start from: the two images and the noise."""
@@ -96,21 +154,14 @@ class PipelineInputs:
     noise: torch.Tensor  # (1, F, C, h, w): unit Gaussian latent noise
 
 
-def make_inputs(image: PIL.Image.Image, spec: ModelSpec, seed: int) -> PipelineInputs:
-    video, cond = spec.mobilevd.video, spec.mobilevd.conditioning
-    cropped = crop_to_aspect(image, video.width, video.height)
-    pixel_values = clip_pixels(cropped, spec.image_encoder["image_size"])
-    pixels = vae_pixels(cropped, video.width, video.height)
+def make_inputs(image: PIL.Image.Image, contract: PipelineContract, seed: int) -> PipelineInputs:
+    cropped = crop_to_aspect(image, contract.width, contract.height)
+    pixel_values = clip_pixels(cropped, contract.clip_size)
+    pixels = vae_pixels(cropped, contract.width, contract.height)
     generator = torch.Generator().manual_seed(seed)
     augmentation = torch.randn(pixels.shape, generator=generator)
-    noise = torch.randn(latent_noise_shape(spec), generator=generator)
-    return PipelineInputs(pixel_values, pixels + cond.noise_aug_strength * augmentation, noise)
-
-
-def latent_noise_shape(spec: ModelSpec) -> tuple[int, ...]:
-    """(1, frames, latent channels, h, w): the noise half of the UNet's sample."""
-    shape = spec.latent_shape
-    return (shape[0], shape[1], spec.unet["out_channels"], *shape[3:])
+    noise = torch.randn(contract.noise_shape, generator=generator)
+    return PipelineInputs(pixel_values, pixels + contract.noise_aug_strength * augmentation, noise)
 
 
 # -- the components, in order --------------------------------------------------------------------
@@ -124,30 +175,23 @@ class PipelineResult:
 
 
 def unet_feeds(
-    spec: ModelSpec, image_embeds: torch.Tensor, image_latents: torch.Tensor, noise: torch.Tensor, folded: bool
+    contract: PipelineContract, image_embeds: torch.Tensor, image_latents: torch.Tensor, noise: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """The UNet's inputs: ``sample`` = (noise, image latent per frame), the embedding, and — unless
     the conditioning is folded — the timestep and SVD's added time ids [fps − 1, motion bucket, aug]."""
     frames = noise.shape[1]
     sample = torch.cat([noise, image_latents.unsqueeze(1).expand(-1, frames, -1, -1, -1)], dim=2)
     feeds = {"sample": sample, "encoder_hidden_states": image_embeds}
-    if not folded:
-        cond = spec.mobilevd.conditioning
-        feeds["timestep"] = torch.tensor([cond.timestep])
-        feeds["added_time_ids"] = torch.tensor([cond.added_time_ids()])
+    if not contract.conditioning_folded:
+        feeds["timestep"] = torch.tensor([contract.timestep])
+        feeds["added_time_ids"] = torch.tensor(
+            [[contract.fps_id, contract.motion_bucket_id, contract.noise_aug_strength]]
+        )
     return feeds
 
 
-def run_pipeline(
-    run: Runner,
-    inputs: PipelineInputs,
-    spec: ModelSpec,
-    conditioning_folded: bool,
-    sampler: EDMScalings | None,
-    has_decoder: bool = True,
-) -> PipelineResult:
-    """The four components in order. ``sampler``: None when the UNet has the sampler folded in, else
-    the scalings to apply around it."""
+def run_pipeline(run: Runner, inputs: PipelineInputs, contract: PipelineContract, has_decoder: bool = True):
+    """The four components in order (``run`` runs one), the sampler around the UNet unless folded."""
     seconds = {}
 
     def timed(name, feeds):
@@ -158,12 +202,12 @@ def run_pipeline(
 
     image_embeds = timed("image_encoder", {"pixel_values": inputs.pixel_values})
     image_latents = timed("vae_encoder", {"image": inputs.image})
-    noise = inputs.noise
-    if sampler is not None:  # the scheduler's input scaling, outside the UNet (as FoldedSampler does it)
+    noise, sampler = inputs.noise, contract.sampler
+    if not contract.sampler_folded:  # the scheduler's input scaling, outside the UNet (as FoldedSampler does it)
         noisy_latent = noise * sampler.init_noise_sigma
         noise = noisy_latent * sampler.c_in
-    output = timed("unet", unet_feeds(spec, image_embeds, image_latents, noise, conditioning_folded))
-    latents = output if sampler is None else noisy_latent * sampler.c_skip + output * sampler.c_out
+    output = timed("unet", unet_feeds(contract, image_embeds, image_latents, noise))
+    latents = output if contract.sampler_folded else noisy_latent * sampler.c_skip + output * sampler.c_out
     frames = timed("decoder", {"latents": latents}) if has_decoder else None
     return PipelineResult(image_embeds, image_latents, latents, frames, seconds)
 
@@ -178,15 +222,97 @@ def torch_runner(modules: dict[str, torch.nn.Module]) -> Runner:
     return run
 
 
-def run_reference(pipeline, inputs: PipelineInputs) -> PipelineResult:
-    """The PyTorch deploy pipeline (mvd_deploy.passes.DeployPipeline) on ``inputs``."""
+def contract_of(pipeline) -> PipelineContract:
+    """The contract of a PyTorch deploy pipeline (mvd_deploy.passes.DeployPipeline)."""
     unet = pipeline.unet
-    sampler = None if unet.sampler is not None else sampler_scalings(unet.spec)
-    return run_pipeline(
-        torch_runner(pipeline.components()),
-        inputs,
-        unet.spec,
-        unet.conditioning_folded,
-        sampler,
-        has_decoder=pipeline.decoder is not None,
+    return PipelineContract.from_spec(unet.spec, unet.conditioning_folded, unet.sampler is not None)
+
+
+def run_reference(pipeline, inputs: PipelineInputs) -> PipelineResult:
+    """The PyTorch deploy pipeline on ``inputs``."""
+    modules = pipeline.components()
+    return run_pipeline(torch_runner(modules), inputs, contract_of(pipeline), has_decoder="decoder" in modules)
+
+
+# -- the contract, for apps (pull's artifacts.json) ------------------------------------------------
+def describe_contract(contract: PipelineContract) -> dict:
+    """How to call the pulled components as a pipeline, without our code: order, preprocessing, the
+    fixed values, the noise, and what every input and output is."""
+    c, s = contract, contract.sampler
+    h, w = c.noise_shape[3:]
+    unet_inputs = {
+        "sample": f"float32 {[1, c.frames, 2 * c.noise_shape[2], h, w]}: channels 0-{c.noise_shape[2] - 1} the noise "
+        + ("as drawn (unit Gaussian)" if c.sampler_folded else "x·c_in, where x = noise·init_noise_sigma")
+        + f"; channels {c.noise_shape[2]}-{2 * c.noise_shape[2] - 1} vae_encoder's image_latents, the same "
+        "for every frame",
+        "encoder_hidden_states": "image_encoder's image_embeds, as they are",
+    }
+    if not c.conditioning_folded:
+        unet_inputs["timestep"] = f"float32 [1]: [{c.timestep}] (c_noise = 0.25·ln sigma)"
+        unet_inputs["added_time_ids"] = (
+            f"float32 [1, 3]: [[{c.fps_id}, {c.motion_bucket_id}, {c.noise_aug_strength}]] "
+            "(fps − 1, motion bucket id, noise augmentation strength)"
+        )
+    unet_output = (
+        "the clean latent (the 1-step sampler is folded in): the decoder's input as it is"
+        if c.sampler_folded
+        else "SVD's v-prediction F; the clean latent is x·c_skip + F·c_out (x as for sample)"
     )
+    return {
+        "order": ["image_encoder", "vae_encoder", "unet", "decoder"],
+        "video": {"width": c.width, "height": c.height, "frames": c.frames, "fps": c.fps},
+        "image": {
+            "crop": f"centre crop to the aspect ratio {c.width}:{c.height} (the largest that fits)",
+            "image_encoder": {
+                "size": [c.clip_size, c.clip_size],
+                "steps": [
+                    "RGB pixels / 255 → [0, 1]; then ·2 − 1 → [-1, 1]",
+                    f"resize to {c.clip_size}x{c.clip_size} with antialiasing, as SVD: Gaussian blur per axis with "
+                    "sigma = max((in/out − 1)/2, 0.001), kernel size max(4·sigma, 3) rounded down to an int and made "
+                    "odd, reflect padding; then bicubic interpolation with align_corners=True (no crop: the aspect "
+                    "ratio is not kept)",
+                    "(x + 1)/2 → [0, 1]; then (x − mean)/std per channel",
+                ],
+                "mean": list(CLIP_IMAGE_MEAN),
+                "std": list(CLIP_IMAGE_STD),
+                "layout": "NCHW float32, RGB",
+            },
+            "vae_encoder": {
+                "size": [c.width, c.height],
+                "steps": [
+                    f"resize to {c.width}x{c.height} (PIL Lanczos)",
+                    "RGB pixels / 255 · 2 − 1 → [-1, 1]",
+                    f"add noise augmentation: + {c.noise_aug_strength} · unit Gaussian noise of shape "
+                    f"[1, 3, {c.height}, {c.width}] (no clipping)",
+                ],
+                "layout": "NCHW float32, RGB",
+            },
+        },
+        "noise": {
+            "shape": list(c.noise_shape),
+            "distribution": "unit Gaussian (float32), drawn after the augmentation noise",
+        },
+        "conditioning": {
+            "fps_id": c.fps_id,
+            "motion_bucket_id": c.motion_bucket_id,
+            "noise_aug_strength": c.noise_aug_strength,
+            "timestep": c.timestep,
+            "folded": c.conditioning_folded,
+        },
+        "sampler": {"folded": c.sampler_folded, **s.to_dict(), "kind": "1-step EDM Euler, v-prediction (SVD's)"},
+        "components": {
+            "image_encoder": {
+                "inputs": {"pixel_values": f"float32 [1, 3, {c.clip_size}, {c.clip_size}]: the CLIP image above"},
+                "outputs": {"image_embeds": "float32 [1, 1, D]: the CLIP image embedding, one context token"},
+            },
+            "vae_encoder": {
+                "inputs": {"image": f"float32 [1, 3, {c.height}, {c.width}]: the augmented image above"},
+                "outputs": {"image_latents": f"float32 [1, 4, {h}, {w}]: the VAE latent's mode, NOT scaled"},
+            },
+            "unet": {"inputs": unet_inputs, "outputs": {"model_output": unet_output}},
+            "decoder": {
+                "inputs": {"latents": "float32: the clean latent"},
+                "outputs": {"frames": f"float32 [1, {c.frames}, 3, {c.height}, {c.width}]: RGB in [0, 1]"},
+            },
+        },
+    }

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 from mvd_deploy.build import Build, summary_rows
+from mvd_deploy.contact_sheet import contact_sheet, read_video
 from mvd_deploy.fileio import load_json, owned_temp_dir
 
 
@@ -91,8 +92,9 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_report(build_dir: str | Path, out: str | Path | None = None) -> dict:
+def write_report(build_dir: str | Path, out: str | Path | None = None, video: str | Path | None = None) -> dict:
     build = Build(build_dir)
+    frames = read_video(Path(video)) if video else None  # a generated video: checked before anything is written
     out = Path(out) if out else build.path / "report"
     profiles = (
         [load_json(p, "profile") for p in sorted((build.path / "profiles").glob("*.json"))]
@@ -142,6 +144,14 @@ def write_report(build_dir: str | Path, out: str | Path | None = None) -> dict:
                     f"<h3>Slowest ops: {html.escape(profile['target'])}/{html.escape(profile['form'])}"
                     f"</h3><img src='{name}' alt='slowest ops'>"
                 )
+        if frames is not None:
+            sheet = contact_sheet(frames, tmp / "contact_sheet.png")
+            images.append("contact_sheet.png")
+            sections.append(
+                f"<h2>Generated video: {html.escape(str(video))}</h2><p>{sheet['frames']} frames of "
+                f"{sheet['frame_size'][0]}x{sheet['frame_size'][1]} px, in reading order</p>"
+                "<img src='contact_sheet.png' alt='contact sheet of the frames'>"
+            )
         rows = summary_rows(build)
         sections.append(
             "<h2>Components and compiled forms</h2>"

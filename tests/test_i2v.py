@@ -104,14 +104,14 @@ def test_reference_pipeline_equals_diffusers_svd(svd_pipeline_dir, tmp_path):
 
     from mvd_deploy.checkpoint import init_checkpoint
     from mvd_deploy.deploy import deploy
-    from mvd_deploy.pipeline import make_inputs, run_reference
+    from mvd_deploy.pipeline import contract_of, make_inputs, run_reference
 
     recipe = plain_svd_recipe(tmp_path / "plain-svd.yaml")
     init_checkpoint(recipe, tmp_path / "ckpt", from_svd=svd_pipeline_dir, quiet=True)
     pipeline, _, info = deploy(tmp_path / "ckpt", quiet=True)
     video = info.spec.mobilevd.video
     image = _image(video.width, video.height)
-    inputs = make_inputs(image, info.spec, SEED)
+    inputs = make_inputs(image, contract_of(pipeline), SEED)
     ours = run_reference(pipeline, inputs)
 
     theirs = StableVideoDiffusionPipeline.from_pretrained(svd_pipeline_dir)
@@ -203,3 +203,166 @@ def test_fold_sampler_refuses_a_multi_step_model():
 
     unet = MobileVDUNet.build(tiny_spec(nfe=50), device="meta")
     assert "1-step" in FoldSampler().why_not(DeployPipeline(unet))
+
+
+# -- generate ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def generated(tiny_compiled_build, tmp_path_factory):
+    """`mvd-deploy generate` on the tiny compiled build, with --reference and --frames, once."""
+    import json
+
+    from click.testing import CliRunner
+
+    from mvd_deploy.cli import main
+
+    work = tmp_path_factory.mktemp("generate")
+    _image(200, 90).save(work / "input.png")
+    args = ["generate", str(tiny_compiled_build), "--image", str(work / "input.png"), "--out", str(work / "v.mp4")]
+    result = CliRunner().invoke(main, [*args, "--seed", "5", "--reference", "--frames", str(work / "frames"), "--json"])
+    assert result.exit_code == 0, result.output
+    return work, json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_generate_writes_a_video_that_decodes_back(generated):
+    import imageio.v3 as iio
+
+    from mvd_deploy.recipe import load_recipe
+
+    work, report = generated
+    video = load_recipe(TINY).mobilevd.video
+    frames = np.asarray(iio.imread(work / "v.mp4", index=None))
+    assert frames.shape == (video.frames, video.height, video.width, 3)
+    preview = np.asarray(iio.imread(work / "v.gif", index=None))
+    assert preview.shape[:3] == (video.frames, video.height, video.width)
+    assert sorted(p.name for p in (work / "frames").iterdir()) == [f"frame_{i:03d}.png" for i in range(video.frames)]
+    assert report["written"] == {
+        "video": str(work / "v.mp4"),
+        "preview": str(work / "v.gif"),
+        "frames": str(work / "frames"),
+    }
+    # every component ran, timed, in the pipeline's order
+    assert list(report["seconds"]) == ["image_encoder", "vae_encoder", "unet", "decoder"]
+    assert report["total_seconds"] == pytest.approx(sum(report["seconds"].values()), abs=2e-3)
+    # the video is not blank: the frames vary (random weights still give texture)
+    assert frames.std() > 1.0
+
+
+@pytest.mark.slow
+def test_generate_matches_the_pytorch_reference(generated):
+    """The compiled fp32 components, composed, give the PyTorch pipeline's video (same inputs)."""
+    _, report = generated
+    assert report["reference"]["latents_rel_error"] <= 1e-4
+    assert report["reference"]["psnr_db"] is None or report["reference"]["psnr_db"] >= 60.0
+
+
+@pytest.mark.slow
+def test_generate_with_another_seed_gives_another_video(tiny_compiled_build, generated, tmp_path):
+    from mvd_deploy.generate import generate
+
+    work, _ = generated
+    a = generate(
+        tiny_compiled_build, work / "input.png", tmp_path / "a.mp4", seed=5, frames_dir=tmp_path / "fa", quiet=True
+    )
+    b = generate(
+        tiny_compiled_build, work / "input.png", tmp_path / "b.mp4", seed=6, frames_dir=tmp_path / "fb", quiet=True
+    )
+    assert a["frames"] == b["frames"]
+    first = [np.asarray(PIL.Image.open(tmp_path / d / "frame_000.png")) for d in ("fa", "fb")]
+    assert not np.array_equal(*first)
+    # the same seed gives the same frames as the session's run
+    assert np.array_equal(first[0], np.asarray(PIL.Image.open(work / "frames" / "frame_000.png")))
+
+
+def _bad_images(tmp_path):
+    (tmp_path / "text.png").write_text("not an image")
+    PIL.Image.new("CMYK", (128, 128)).save(tmp_path / "cmyk.jpg")
+    PIL.Image.new("RGB", (16, 12)).save(tmp_path / "tiny.png")
+    PIL.Image.new("I;16", (128, 128)).save(tmp_path / "deep.png")
+    return [
+        (tmp_path / "missing.png", "file not found"),
+        (tmp_path / "text.png", "not an image PIL can read"),
+        (tmp_path / "cmyk.jpg", "image mode CMYK is not supported"),
+        (tmp_path / "deep.png", "is not supported"),
+        (tmp_path / "tiny.png", "16x12 px is too small"),
+    ]
+
+
+def test_generate_refuses_bad_images_and_writes_nothing(tmp_path):
+    """Checked before the build is even opened: one line naming the file, exit 2, nothing written."""
+    from click.testing import CliRunner
+
+    from mvd_deploy.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for image, message in _bad_images(tmp_path):
+        result = CliRunner().invoke(
+            main, ["generate", str(tmp_path / "no-build"), "--image", str(image), "--out", str(out / "v.mp4")]
+        )
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --image {image}:") and message in lines[0], lines
+        assert "Traceback" not in result.output
+    assert list(out.iterdir()) == []
+
+
+def test_generate_refuses_bad_options(tiny_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from mvd_deploy.cli import main
+
+    _image().save(tmp_path / "in.png")
+    cases = [
+        (["--out", str(tmp_path / "v.avi")], "must name an .mp4 file"),
+        (["--out", str(tmp_path / "nowhere" / "v.mp4")], "does not exist"),
+        (["--out", str(tmp_path / "v.mp4")], "not a build directory"),
+    ]
+    for extra, message in cases:
+        result = CliRunner().invoke(main, ["generate", str(tmp_path), "--image", str(tmp_path / "in.png"), *extra])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+@pytest.mark.slow
+def test_pull_says_how_to_call_the_pipeline(tiny_compiled_build, tmp_path):
+    import json
+
+    from mvd_deploy.pull import pull
+
+    pull(str(tiny_compiled_build), tmp_path / "pulled")
+    artifacts = json.loads((tmp_path / "pulled" / "artifacts.json").read_text())
+    contract = artifacts["pipeline"]
+    assert contract["order"] == ["image_encoder", "vae_encoder", "unet", "decoder"]
+    unet = artifacts["components"]["unet"]
+    [sample] = [i for i in unet["inputs"] if i["name"] == "sample"]
+    noise = contract["noise"]["shape"]
+    assert sample["shape"] == [*noise[:2], 2 * noise[2], *noise[3:]]
+    [pixels] = artifacts["components"]["image_encoder"]["inputs"]
+    assert pixels["shape"] == [1, 3, *contract["image"]["image_encoder"]["size"]]
+    [image] = artifacts["components"]["vae_encoder"]["inputs"]
+    assert image["shape"][2:] == contract["image"]["vae_encoder"]["size"][::-1]
+    assert contract["sampler"]["folded"] and contract["sampler"]["sigma"] == 700.0
+    assert contract["conditioning"]["folded"]
+    assert set(contract["components"]) == set(artifacts["components"])
+    for name, io in contract["components"].items():  # every input and output the graphs have is described
+        graph = artifacts["components"][name]
+        assert {i["name"] for i in graph["inputs"]} == set(io["inputs"]), name
+        assert {o["name"] for o in graph["outputs"]} == set(io["outputs"]), name
+
+
+@pytest.mark.slow
+def test_report_shows_a_contact_sheet(compiled_build, generated):
+    from click.testing import CliRunner
+
+    from mvd_deploy.cli import main
+
+    work, _ = generated
+    result = CliRunner().invoke(main, ["report", str(compiled_build), "--video", str(work / "v.mp4"), "--json"])
+    assert result.exit_code == 0, result.output
+    page = (compiled_build / "report" / "index.html").read_text()
+    assert "contact_sheet.png" in page
+    sheet = PIL.Image.open(compiled_build / "report" / "contact_sheet.png")
+    assert sheet.width > 2 * 128 and sheet.height > 64
+    bad = CliRunner().invoke(main, ["report", str(compiled_build), "--video", str(work / "input.png") + ".nope"])
+    assert bad.exit_code == 2 and "file not found" in bad.stderr
