@@ -194,7 +194,10 @@ def passes_cmd(checkpoint, passes, keep_conditioning_inputs, taesd_dir, decoder_
     "recipe",
     help="Recipe (model name or path) to deploy as: video size, steps, conditioning, passes (default: the checkpoint).",
 )
-@click.option("--components", help="Comma-separated: unet,decoder (default: every component the passes make).")
+@click.option(
+    "--components",
+    help="Comma-separated: image_encoder,vae_encoder,unet,decoder (default: every component the checkpoint makes).",
+)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @_deploy_options
 @click.option("--min-psnr", type=float, help="Validation threshold in dB (default: fp32 80, fp16 40).")

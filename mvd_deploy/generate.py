@@ -5,8 +5,8 @@ nothing written); then the four components of the chosen compiled form run one a
 Runtime, in the steps of mvd_deploy.pipeline; the MP4 (imageio's bundled ffmpeg, through diffusers'
 ``export_to_video``), an animated GIF preview and optionally the frames as PNGs are written into a
 staging directory beside ``--out`` and moved into place only once all of them are complete.
-``--reference`` also runs the PyTorch deploy pipeline on the same inputs and reports the video's
-PSNR against it.
+``--reference`` also runs the checkpoint's PyTorch model (train-time form, with the build's
+decoder) on the same inputs and reports the video's PSNR against it.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def _check_out(out: Path, frames_dir: Path | None) -> None:
 def compiled_form(build: Build, target: str, form: str | None) -> tuple[str, dict]:
     """The compiled record to run: ``target``'s own form unless ``form`` is given."""
     profile = resolve_target(target)
-    key = f"{profile.name}/{form or profile.form}"
+    # ort-cpu keys its forms by backend (one CPU target), phone backends by profile name
+    key = f"{profile.backend if profile.backend == 'ort-cpu' else profile.name}/{form or profile.form}"
     record = build.compiled(key, how=f"mvd-deploy compile {build.path} --target {target}")
     if record.get("target", profile.name) not in RUNNABLE_BACKENDS or record.get("backend") not in (None, "ort-cpu"):
         raise MvdError(f"--target {target}: generate runs {', '.join(RUNNABLE_BACKENDS)} forms here, not {key}")
@@ -171,14 +172,17 @@ def generate(
 
 
 def _reference(build: Build, inputs, result) -> dict:
-    """The checkpoint deployed with the build's own passes and decoder, run in PyTorch."""
+    """The checkpoint's train-time PyTorch model (funnels, gates, conditioning and sampler as the
+    scheduler runs them: no exact pass applied) with the build's own TAESD decoder."""
     manifest = build.manifest
     source = manifest.get("decoder_source") or {}
+    decoder = [p["name"] for p in manifest["passes"] if p["component"] == "decoder"]
     pipeline, _, _ = deploy(
         manifest["checkpoint"],
-        passes=[p["name"] for p in manifest["passes"]],
+        passes=decoder,
         taesd_dir=source.get("taesd_dir"),
         decoder_seed=source.get("decoder_seed", 0),
+        check=False,
         quiet=True,
         recipe=manifest.get("recipe"),
     )
