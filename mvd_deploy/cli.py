@@ -95,6 +95,8 @@ def init_checkpoint_cmd(recipe, out, seed, from_svd, as_json):
         lambda r: (
             f"wrote {r['checkpoint']}: {r['params']:,} parameters, temporal blocks "
             f"{r['temporal_blocks_kept']} kept / {r['temporal_blocks_pruned']} pruned, {r['funnel_pairs']} funnel pairs"
+            + "".join(f"; {name} {params:,} parameters" for name, params in r["encoders"].items())
+            + (f" ({r['encoders_from']})" if r["encoders_from"] else "")
         ),
     )
 

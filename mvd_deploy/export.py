@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mvd_deploy.build import BUILD_FORMAT, MANIFEST, Build, sha256_file
-from mvd_deploy.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from mvd_deploy.checkpoint import CONFIG_FILE, ENCODER_WEIGHTS, WEIGHTS_FILE
 from mvd_deploy.deploy import deploy
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.fileio import atomic_output_dir, check_output_dir, write_json
@@ -126,7 +126,11 @@ def export_build(
         "pipeline": contract_of(pipeline).to_dict() if pipeline.image_encoder is not None else None,
         "decoder_source": {"taesd_dir": str(taesd_dir) if taesd_dir else None, "decoder_seed": decoder_seed},
         "video": info.spec.mobilevd.video.__dict__,
-        "checkpoint_sha256": {f: sha256_file(Path(checkpoint) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)},
+        "checkpoint_sha256": {
+            f: sha256_file(Path(checkpoint) / f)
+            for f in (CONFIG_FILE, WEIGHTS_FILE, *ENCODER_WEIGHTS.values())
+            if (Path(checkpoint) / f).is_file()
+        },
         "recipe_sha256": hashlib.sha256(recipe_file(recipe).read_bytes()).hexdigest() if recipe else None,
         "stages": stage_table(info.spec),
         "passes": [r.to_dict() for r in pass_results],

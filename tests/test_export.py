@@ -25,9 +25,9 @@ def _copy_build(build: Path, tmp_path: Path) -> Path:
 
 def test_export_writes_one_checked_onnx_and_one_data_file_per_component(tiny_build):
     manifest = json.loads((tiny_build / "build.json").read_text())
-    assert set(manifest["components"]) == {"unet", "decoder"}
+    assert list(manifest["components"]) == ["image_encoder", "vae_encoder", "unet", "decoder"]  # pipeline order
     files = sorted(p.name for p in tiny_build.iterdir())
-    assert files == ["build.json", "decoder.data", "decoder.onnx", "unet.data", "unet.onnx"]
+    assert files == ["build.json"] + sorted(f"{c}.{ext}" for c in manifest["components"] for ext in ("data", "onnx"))
     for component in manifest["components"].values():
         path = tiny_build / component["onnx"]
         check_onnx(path)
@@ -41,6 +41,13 @@ def test_export_writes_one_checked_onnx_and_one_data_file_per_component(tiny_bui
     assert [i["name"] for i in unet["inputs"]] == ["sample", "encoder_hidden_states"]  # conditioning folded
     assert unet["inputs"][0]["shape"] == [1, 14, 8, 8, 16]
     assert manifest["components"]["decoder"]["outputs"][0]["shape"] == [1, 14, 3, 64, 128]
+    assert manifest["components"]["image_encoder"]["outputs"][0] | {"dtype": None} == {
+        "name": "image_embeds",
+        "shape": [1, 1, 32],
+        "dtype": None,
+    }
+    assert manifest["components"]["vae_encoder"]["outputs"][0]["shape"] == [1, 4, 8, 16]
+    assert manifest["sampler"] == "folded" and manifest["pipeline"]["sampler_folded"]
     assert [p["name"] for p in manifest["passes"]][0] == "merge_funnels"
     assert manifest["toolchain"]["torch"].startswith("2.13.0")
 

@@ -124,7 +124,11 @@ def test_profile_gate_on_ort_cpu(compiled_build, tmp_path):
     runner = CliRunner()
     shipped = (ROOT / "device_profiles" / "ort-cpu.yaml").read_text()
     loose, tight = tmp_path / "loose.yaml", tmp_path / "tight.yaml"
-    shipped = shipped.replace("decoder: {min_compute_efficiency: 0.2,", "decoder: {min_compute_efficiency: 0.000001,")
+    for other in ("decoder: {min_compute_efficiency: 0.2,", "image_encoder: {min_compute_efficiency: 0.2,"):
+        shipped = shipped.replace(other, other.split("{")[0] + "{min_compute_efficiency: 0.000001,")
+    shipped = shipped.replace(
+        "vae_encoder: {min_compute_efficiency: 0.1,", "vae_encoder: {min_compute_efficiency: 0.000001,"
+    )
     loose.write_text(shipped.replace("min_compute_efficiency: 0.2,", "min_compute_efficiency: 0.000001,"))
     tight.write_text(shipped.replace("min_compute_efficiency: 0.2,", "min_compute_efficiency: 0.99,"))
     result = runner.invoke(main, ["profile", str(compiled_build), "--target", str(loose), "--runs", "1", "--gate"])
@@ -147,7 +151,12 @@ def test_manifest_records_hashes_of_every_file(compiled_build):
     files = manifest["files"]
     assert {"unet.onnx", "unet.data", "compiled/ort-cpu/fp32/unet.onnx"} <= set(files)
     assert files["unet.data"]["sha256"] == sha256_file(compiled_build / "unet.data")
-    assert set(manifest["checkpoint_sha256"]) == {"config.json", "unet.safetensors"}
+    assert set(manifest["checkpoint_sha256"]) == {
+        "config.json",
+        "unet.safetensors",
+        "image_encoder.safetensors",
+        "vae_encoder.safetensors",
+    }
     assert manifest["toolchain"]["onnxruntime"] and manifest["passes"]
 
 

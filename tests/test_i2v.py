@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -370,3 +371,78 @@ def test_report_shows_a_contact_sheet(compiled_build, generated):
     assert sheet.width > 2 * 128 and sheet.height > 64
     bad = CliRunner().invoke(main, ["report", str(compiled_build), "--video", str(work / "input.png") + ".nope"])
     assert bad.exit_code == 2 and "file not found" in bad.stderr
+
+
+# -- recipes and checkpoints with encoders -------------------------------------------------------
+def test_recipe_encoder_sections_are_checked(tmp_path):
+    from mvd_deploy.errors import MvdError
+    from mvd_deploy.recipe import load_recipe
+
+    def recipe(**changes):
+        data = yaml.safe_load(TINY.read_text())
+        for key, value in changes.items():
+            section, _, name = key.partition("__")
+            if value is None:
+                data.pop(section)
+            elif name:
+                data[section][name] = value
+            else:
+                data[section] = value
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    cases = [
+        ({"image_encoder__projection_dim": 64}, "key 'image_encoder.projection_dim': must equal unet.cross_attention"),
+        ({"image_encoder__hidden_sise": 64}, "key 'image_encoder.hidden_sise': is not a image_encoder architecture"),
+        ({"vae__latent_channels": 8}, "key 'vae.latent_channels': must be half of unet.in_channels"),
+        ({"vae": None}, "key 'vae': is missing (give both encoders, or neither)"),
+        ({"vae__block_out_channels": [32, 32]}, "key 'vae.block_out_channels': needs 4 levels"),
+    ]
+    data = yaml.safe_load(TINY.read_text())
+    data["mobilevd"]["conditioning"]["sigma"] = 80.0
+    (tmp_path / "sigma.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(MvdError, match=r"key 'mobilevd.conditioning.timestep': must be SVD's c_noise 0.25·ln\(sigma\)"):
+        load_recipe(tmp_path / "sigma.yaml")
+    for changes, message in cases:
+        with pytest.raises(MvdError) as info:
+            load_recipe(recipe(**changes))
+        assert message in str(info.value), (changes, str(info.value))
+    spec = load_recipe(recipe(image_encoder=None, vae=None))  # neither: a UNet-only model, as before
+    assert spec.image_encoder is None and spec.vae is None
+
+
+@pytest.mark.slow
+def test_checkpoint_encoders_round_trip_and_missing_file(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from mvd_deploy.checkpoint import load_encoders, read_checkpoint_info
+    from mvd_deploy.errors import MvdError
+
+    info = read_checkpoint_info(tiny_checkpoint)
+    encoders = load_encoders(info)
+    assert set(encoders) == {"image_encoder", "vae_encoder"}
+    with torch.no_grad():
+        embeds = encoders["image_encoder"](torch.randn(1, 3, 224, 224))
+        latents = encoders["vae_encoder"](torch.rand(1, 3, 64, 128) * 2 - 1)
+    assert embeds.shape == (1, 1, 32) and latents.shape == (1, 4, 8, 16)
+    broken = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ck"))
+    (broken / "vae_encoder.safetensors").unlink()
+    with pytest.raises(MvdError, match=r"vae_encoder.safetensors: weights file not found"):
+        read_checkpoint_info(broken)
+
+
+@pytest.mark.slow
+def test_svd_pipeline_dir_must_match_the_recipe(svd_pipeline_dir, tmp_path):
+    from mvd_deploy.checkpoint import init_checkpoint
+    from mvd_deploy.errors import MvdError
+
+    data = yaml.safe_load(plain_svd_recipe(tmp_path / "r.yaml").read_text())
+    data["image_encoder"]["num_hidden_layers"] = 3
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(MvdError, match=r"image_encoder/config.json: key 'num_hidden_layers' is 2 but recipe .* has"):
+        init_checkpoint(tmp_path / "other.yaml", tmp_path / "ck", from_svd=svd_pipeline_dir, quiet=True)
+    assert not (tmp_path / "ck").exists()
+    # the UNet-directory form still works (encoders then random)
+    result = init_checkpoint(tmp_path / "r.yaml", tmp_path / "ck2", from_svd=svd_pipeline_dir / "unet", quiet=True)
+    assert result["encoders_from"].startswith("random init")
