@@ -21,7 +21,8 @@ test: setup
 # The whole chain on the embedded default, full size: a MobileVD checkpoint (random init) and the
 # paper's Table 8 stages on it → export (deploy passes, ONNX, validated against PyTorch) → compile
 # for ONNX Runtime CPU (fp32 and int8) → profile both (fp32 gated on the ort-cpu profile, whose
-# latency budget is a share of this CPU's measured GEMM rate) → summary table → HTML report.
+# latency budget is a share of this CPU's measured GEMM rate) → summary table → image → video from the
+# compiled fp32 components, checked against the PyTorch model → HTML report with its contact sheet.
 # Then the phone path offline, on the tiny recipe (full-size w8a16 calibration does not fit this
 # machine yet: see docs/qnn-offline.md): every graph compiled for the Xiaomi 14 Pro's Snapdragon
 # 8 Gen 3 NPU (w8a16, QNN HTP, CPU fallback off), the decoder checked on the HTP emulator (the
@@ -36,7 +37,11 @@ demo: setup
 	$(BIN)/mvd-deploy profile $(DEMO)/build --target ort-cpu --form fp32 --runs 3 --gate
 	$(BIN)/mvd-deploy profile $(DEMO)/build --target ort-cpu --form int8-dynamic --runs 3
 	$(BIN)/mvd-deploy summary $(DEMO)/build
-	$(BIN)/mvd-deploy report $(DEMO)/build
+	$(BIN)/python -c "import numpy as np, PIL.Image; y, x = np.mgrid[0:576, 0:1024] / 1024; \
+	  PIL.Image.fromarray((np.stack([np.sin(6 * x + p) * np.cos(4 * y - p) for p in (0, 1, 2)], -1) * 100 + 128) \
+	  .astype(np.uint8)).save('$(DEMO)/input.png')"
+	$(BIN)/mvd-deploy generate $(DEMO)/build --image $(DEMO)/input.png --out $(DEMO)/video.mp4 --reference
+	$(BIN)/mvd-deploy report $(DEMO)/build --video $(DEMO)/video.mp4
 	$(BIN)/mvd-deploy init-checkpoint --model tiny --out $(DEMO)/tiny-ckpt --seed 0
 	$(BIN)/mvd-deploy export $(DEMO)/tiny-ckpt --out $(DEMO)/phone
 	$(BIN)/mvd-deploy compile $(DEMO)/phone --target xiaomi-14-pro --offline --calibration-samples 8

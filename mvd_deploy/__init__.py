@@ -41,6 +41,7 @@ _API = {
     "pull_build": "pull",
     "PullResult": "pull",
     "write_report": "report",
+    "generate": "generate",
     "ReportResult": "report",
     "show_progress": "progress",
     "MvdError": "errors",
@@ -48,6 +49,7 @@ _API = {
 }
 
 __all__ = [
+    "generate",
     "init_checkpoint",
     "CheckpointResult",
     "inspect_model",

@@ -132,6 +132,8 @@ def init_checkpoint_cmd(recipe, out, seed, from_svd, as_json):
         lambda r: (
             f"wrote {r['checkpoint']}: {r['params']:,} parameters, temporal blocks "
             f"{r['temporal_blocks_kept']} kept / {r['temporal_blocks_pruned']} pruned, {r['funnel_pairs']} funnel pairs"
+            + "".join(f"; {name} {params:,} parameters" for name, params in r["encoders"].items())
+            + (f" ({r['encoders_from']})" if r["encoders_from"] else "")
         ),
     )
 
@@ -236,7 +238,10 @@ def passes_cmd(checkpoint, passes, keep_conditioning_inputs, taesd_dir, decoder_
     "recipe",
     help="Recipe (model name or path) to deploy as: video size, steps, conditioning, passes (default: the checkpoint).",
 )
-@click.option("--components", help="Comma-separated: unet,decoder (default: every component the passes make).")
+@click.option(
+    "--components",
+    help="Comma-separated: image_encoder,vae_encoder,unet,decoder (default: every component the checkpoint makes).",
+)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @_deploy_options
 @click.option("--min-psnr", type=float, help="Validation threshold in dB (default: fp32 80, fp16 40).")
@@ -468,11 +473,36 @@ def pull_cmd(source, out, targets, as_json):
 @main.command("report")
 @click.argument("build_dir", type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False), help="Report directory (default: BUILD/report).")
+@click.option("--video", type=click.Path(dir_okay=False), help="A generated video (MP4/GIF): show a contact sheet.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 @_user_errors
-def report_cmd(build_dir, out, as_json):
-    """An HTML page with plots: FLOPs per stage vs the paper, latency per component and target, top ops."""
+def report_cmd(build_dir, out, video, as_json):
+    """An HTML page with plots: FLOPs per stage vs the paper, latency per component and target, top ops,
+    and a generated video's frames."""
     from mvd_deploy.report import write_report
 
-    result = write_report(build_dir, out=out).to_json()
+    result = write_report(build_dir, out=out, video=video).to_json()
     _emit(result, as_json, lambda r: f"wrote {r['report']} ({len(r['images'])} plots)")
+
+
+@main.command("generate")
+@click.argument("build_dir", type=click.Path())
+@click.option("--image", required=True, type=click.Path(), help="The conditioning image (PNG, JPEG, ...).")
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="The MP4 to write (a .gif preview beside it)."
+)
+@click.option("--target", default="ort-cpu", show_default=True, help="Device profile whose compiled form runs.")
+@click.option("--form", help="Compiled form (default: the profile's precision), e.g. int8-dynamic.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the noise (augmentation, then latent).")
+@click.option("--reference", is_flag=True, help="Also run the PyTorch model; report the video PSNR between them.")
+@click.option("--frames", "frames_dir", type=click.Path(file_okay=False), help="Also write every frame as PNG here.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written and the timings as JSON.")
+@_user_errors
+def generate_cmd(build_dir, image, out, target, form, seed, reference, frames_dir, as_json):
+    """Image → video from a build's compiled artifacts: the four components, timed, then MP4 + GIF."""
+    from mvd_deploy.generate import format_generate, generate
+
+    result = generate(
+        build_dir, image=image, out=out, target=target, form=form, seed=seed, reference=reference, frames_dir=frames_dir
+    )
+    _emit(result, as_json, format_generate)

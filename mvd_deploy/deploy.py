@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from mvd_deploy.checkpoint import DEPLOY_PASSES_KEY, CheckpointInfo, load_checkpoint
+from mvd_deploy.checkpoint import DEPLOY_PASSES_KEY, CheckpointInfo, load_checkpoint, load_encoders
 from mvd_deploy.errors import MvdError
 from mvd_deploy.passes import DEFAULT_PASSES, DeployPipeline, Pass, PassOptions
 from mvd_deploy.passes.manager import DEFAULT_TOLERANCE, PassResult, make_passes, run_passes
@@ -68,9 +68,10 @@ def deploy_checkpoint(
         unet, info = load_checkpoint(checkpoint)
         if recipe is not None:
             unet.spec = info.spec = with_recipe(info.spec, recipe)
+        encoders = load_encoders(info)  # the conditioning encoders are deployed as they are
     options = PassOptions(taesd_dir=Path(taesd_dir) if taesd_dir else None, decoder_seed=decoder_seed)
     deploy_passes = _make_passes(info, passes, keep_conditioning_inputs, options, recipe)
-    pipeline = DeployPipeline(unet)
+    pipeline = DeployPipeline(unet, **encoders)
     with stages.stage(f"run {len(deploy_passes)} deploy passes" + (" (each exact one checked)" if check else "")):
         results = run_passes(pipeline, deploy_passes, check=check, tolerance=tolerance)
     return Deployment(pipeline=pipeline, passes=results, checkpoint=info)

@@ -20,7 +20,7 @@ RUNTIMES = ("qnn_context_binary", "tflite", "onnx", "precompiled_qnn_onnx")
 HUB_PRECISIONS = ("float16", "w8a16")
 ORT_FORMS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 COMPUTE_UNITS = ("npu", "gpu", "cpu", "all")
-COMPONENTS = ("unet", "decoder")
+COMPONENTS = ("image_encoder", "vae_encoder", "unet", "decoder")
 
 
 @dataclass(frozen=True)

@@ -23,19 +23,25 @@ import numpy as np
 import torch
 
 from mvd_deploy.build import BUILD_FORMAT, MANIFEST, Build, sha256_file
-from mvd_deploy.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from mvd_deploy.checkpoint import CONFIG_FILE, ENCODER_WEIGHTS, WEIGHTS_FILE
 from mvd_deploy.deploy import Deployment, deploy_checkpoint
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.fileio import atomic_output_dir, check_output_dir, write_json
 from mvd_deploy.metrics import compare
 from mvd_deploy.onnx_tools import Float32IO, check_onnx, describe_io, export_onnx, run_onnx, simplify_onnx
+from mvd_deploy.pipeline import contract_of
 from mvd_deploy.progress import Stages
 from mvd_deploy.recipe import recipe_file
 from mvd_deploy.stages import stage_table
 
 BUILD_VERSION = 1
-COMPONENTS = ("unet", "decoder")
-OUTPUT_NAMES = {"unet": "model_output", "decoder": "frames"}
+COMPONENTS = ("image_encoder", "vae_encoder", "unet", "decoder")  # in the order the pipeline runs them
+OUTPUT_NAMES = {
+    "image_encoder": "image_embeds",
+    "vae_encoder": "image_latents",
+    "unet": "model_output",
+    "decoder": "frames",
+}
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 MIN_PSNR_DB = {"fp32": 80.0, "fp16": 40.0}
 VALIDATION_SEED = 0
@@ -59,6 +65,11 @@ def component_inputs(pipeline, component: str, seed: int = VALIDATION_SEED) -> d
     unet = pipeline.unet
     if component == "unet":
         return unet.example_inputs(seed=seed)
+    if component in ("image_encoder", "vae_encoder"):  # normalised CLIP pixels; an image in [-1, 1]
+        name = "pixel_values" if component == "image_encoder" else "image"
+        shape = pipeline.encoder_input_shape(component)
+        pixels = torch.rand(shape, generator=torch.Generator().manual_seed(seed + 2)) * 2 - 1
+        return {name: pixels * 2 if component == "image_encoder" else pixels}
     return {"latents": torch.randn(pipeline.decoder_input_shape(), generator=torch.Generator().manual_seed(seed + 1))}
 
 
@@ -116,7 +127,7 @@ def export_build(
                 f"components: {name!r} is not in this deployment (its passes make {', '.join(available)})",
                 parameter="components",
             )
-    manifest = _manifest(checkpoint, recipe, precision, deployment)
+    manifest = _manifest(checkpoint, recipe, precision, deployment, taesd_dir=taesd_dir, decoder_seed=decoder_seed)
     # Inputs and FLOPs first: each component's PyTorch model is freed once it is exported.
     inputs = {name: component_inputs(pipeline, name) for name in components}
     flops = {name: pipeline.flops(name) for name in components}
@@ -130,9 +141,18 @@ def export_build(
     return Build(out)
 
 
-def _manifest(checkpoint: str | Path, recipe: str | Path | None, precision: str, deployment: Deployment) -> dict:
-    """The build manifest before any component is exported: where it came from, Table 8, the pass log."""
-    spec = deployment.checkpoint.spec
+def _manifest(
+    checkpoint: str | Path,
+    recipe: str | Path | None,
+    precision: str,
+    deployment: Deployment,
+    *,
+    taesd_dir: str | Path | None,
+    decoder_seed: int,
+) -> dict:
+    """The build manifest before any component is exported: where it came from, Table 8, the pass log,
+    and what an app needs to run the components as a pipeline."""
+    spec, pipeline = deployment.checkpoint.spec, deployment.pipeline
     return {
         "format": BUILD_FORMAT,
         "format_version": BUILD_VERSION,
@@ -141,9 +161,18 @@ def _manifest(checkpoint: str | Path, recipe: str | Path | None, precision: str,
         "model": spec.name,
         "recipe": str(recipe) if recipe else None,
         "precision": precision,
-        "conditioning": "inputs" if not deployment.pipeline.unet.conditioning_folded else "folded",
+        "conditioning": "inputs" if not pipeline.unet.conditioning_folded else "folded",
+        # the 1-step sampler: folded into the UNet (its output is the clean latent), or the app's to run
+        "sampler": "folded" if pipeline.unet.sampler is not None else "outside",
+        # what an app needs to run the components as a pipeline (mvd_deploy.pipeline); None without encoders
+        "pipeline": contract_of(pipeline).to_dict() if pipeline.image_encoder is not None else None,
+        "decoder_source": {"taesd_dir": str(taesd_dir) if taesd_dir else None, "decoder_seed": decoder_seed},
         "video": spec.mobilevd.video.__dict__,
-        "checkpoint_sha256": {f: sha256_file(Path(checkpoint) / f) for f in (CONFIG_FILE, WEIGHTS_FILE)},
+        "checkpoint_sha256": {
+            f: sha256_file(Path(checkpoint) / f)
+            for f in (CONFIG_FILE, WEIGHTS_FILE, *ENCODER_WEIGHTS.values())
+            if (Path(checkpoint) / f).is_file()
+        },
         "recipe_sha256": hashlib.sha256(recipe_file(recipe).read_bytes()).hexdigest() if recipe else None,
         "stages": stage_table(spec),
         "passes": [r.to_dict() for r in deployment.passes],

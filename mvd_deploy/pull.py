@@ -17,6 +17,7 @@ from mvd_deploy.backends import qai_hub as hub_backend
 from mvd_deploy.build import Build, sha256_file
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.fileio import atomic_output_dir, check_output_dir, write_json
+from mvd_deploy.pipeline import PipelineContract, describe_contract
 
 PULLED_MANIFEST = "artifacts.json"
 _JOB_ID = re.compile(r"^j[a-z0-9]{5,}$")
@@ -85,6 +86,7 @@ def _pull_from_build(source: Path, out: Path, targets: list[str] | None) -> dict
                 wanted[relative] = files[relative]
     for relative in files:
         _inside(build.path, relative, f"files.{relative}")
+    pipeline = build.manifest.get("pipeline")
     with atomic_output_dir(out) as tmp:
         for relative, entry in wanted.items():
             path = _inside(build.path, relative, f"files.{relative}")
@@ -106,6 +108,8 @@ def _pull_from_build(source: Path, out: Path, targets: list[str] | None) -> dict
             "components": {n: {"inputs": c["inputs"], "outputs": c["outputs"]} for n, c in build.components.items()},
             "compiled": {k: compiled[k] for k in keys},
             "graphs": {k: graph_contracts(build, compiled[k]) for k in keys},
+            # how to run the components as image → video (None for a build exported without encoders)
+            "pipeline": describe_contract(PipelineContract.from_dict(pipeline)) if pipeline else None,
             "files": {r: {"sha256": e["sha256"], "bytes": e["bytes"]} for r, e in wanted.items()},
             "toolchain": build.manifest.get("toolchain"),
         }

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass, field
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 from mvd_deploy.config import ConfigSection, load_yaml
+from mvd_deploy.model.encoder_configs import SVD_IMAGE_ENCODER, SVD_VAE
 from mvd_deploy.shipped import MODELS, resolve_yaml
 
 FUNNEL_LAYER_KINDS = ("spatial_self_attention", "temporal_self_attention")
@@ -58,6 +60,8 @@ class Conditioning:
     fps_id: float
     motion_bucket_id: float
     noise_aug_strength: float
+    # The σ the 1-step sampler runs at (mvd_deploy.model.sampler); None: exp(4·timestep).
+    sigma: float | None = None
 
     def added_time_ids(self) -> list[float]:
         return [self.fps_id, self.motion_bucket_id, self.noise_aug_strength]
@@ -93,6 +97,8 @@ class MobileVDConfig:
             d["deploy_passes"] = list(self.deploy_passes)
         if self.temporal_gates is None:
             del d["temporal_gates"]
+        if self.conditioning.sigma is None:
+            del d["conditioning"]["sigma"]
         return d
 
 
@@ -102,13 +108,17 @@ class ModelSpec:
     unet: dict[str, Any]  # complete diffusers UNetSpatioTemporalConditionModel config
     mobilevd: MobileVDConfig
     source: str = field(default="<memory>", compare=False)
+    # The conditioning encoders' architectures (mvd_deploy.model.encoders); None: the model has none.
+    image_encoder: dict[str, Any] | None = None
+    vae: dict[str, Any] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return self.mobilevd.video.latent_shape(self.unet["in_channels"])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "unet": self.unet, "mobilevd": self.mobilevd.to_dict()}
+        encoders = {k: v for k, v in (("image_encoder", self.image_encoder), ("vae", self.vae)) if v is not None}
+        return {"name": self.name, "unet": self.unet, **encoders, "mobilevd": self.mobilevd.to_dict()}
 
 
 def _read_video(s: ConfigSection) -> Video:
@@ -131,7 +141,16 @@ def _read_conditioning(s: ConfigSection) -> Conditioning:
         fps_id=s.get("fps_id", float),
         motion_bucket_id=s.get("motion_bucket_id", float),
         noise_aug_strength=s.get("noise_aug_strength", float),
+        sigma=s.get("sigma", float, None),
     )
+    if cond.sigma is not None:
+        s.check("sigma", cond.sigma > 0, f"must be positive, got {cond.sigma}")
+        c_noise = 0.25 * math.log(cond.sigma)
+        s.check(
+            "timestep",
+            abs(c_noise - cond.timestep) <= 1e-4,
+            f"must be SVD's c_noise 0.25·ln(sigma) = {c_noise:.6f} for sigma {cond.sigma:g}, got {cond.timestep}",
+        )
     s.finish()
     return cond
 
@@ -213,10 +232,57 @@ def read_spec(top: ConfigSection, allow_gates: bool = True) -> ModelSpec:
     name = top.get("name", str)
     top.get("description", str, "")
     unet = read_unet_config(top.section("unet", {}))
+    image_encoder = read_encoder_config(top, "image_encoder", SVD_IMAGE_ENCODER)
+    vae = read_encoder_config(top, "vae", SVD_VAE)
     mobilevd = _read_mobilevd(top.section("mobilevd"))
     if mobilevd.temporal_gates is not None and not allow_gates:
         raise top.error("mobilevd.temporal_gates", "belongs in a checkpoint; a recipe sets temporal_prune_fraction")
-    return ModelSpec(name=name, unet=unet, mobilevd=mobilevd, source=top.source)
+    if (image_encoder is None) != (vae is None):
+        raise top.error(
+            "image_encoder" if image_encoder is None else "vae", "is missing (give both encoders, or neither)"
+        )
+    if image_encoder is not None:
+        _check_encoders(top, unet, image_encoder, vae)
+    return ModelSpec(name=name, unet=unet, mobilevd=mobilevd, source=top.source, image_encoder=image_encoder, vae=vae)
+
+
+def read_encoder_config(top: ConfigSection, name: str, defaults: dict[str, Any]) -> dict[str, Any] | None:
+    """An encoder section: architecture keys over SVD's values ({} is SVD's encoder); None when absent."""
+    if name not in top.data:
+        top.read.add(name)
+        return None
+    s = top.section(name)
+    config = dict(defaults)
+    for key, value in s.data.items():
+        s.check(key, key in defaults, f"is not a {name} architecture setting (known: {', '.join(defaults)})")
+        kind = type(defaults[key])
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        s.check(key, ok, f"must be {kind.__name__}, got {value!r}")
+        config[key] = value
+    s.read.update(s.data)
+    return config
+
+
+def _check_encoders(top: ConfigSection, unet: dict, image_encoder: dict, vae: dict) -> None:
+    """The encoders must produce what the UNet reads."""
+    if image_encoder["projection_dim"] != unet["cross_attention_dim"]:
+        raise top.error(
+            "image_encoder.projection_dim",
+            f"must equal unet.cross_attention_dim ({unet['cross_attention_dim']}), "
+            f"got {image_encoder['projection_dim']}",
+        )
+    if 2 * vae["latent_channels"] != unet["in_channels"]:
+        raise top.error(
+            "vae.latent_channels",
+            f"must be half of unet.in_channels ({unet['in_channels']}: noise + image latent), "
+            f"got {vae['latent_channels']}",
+        )
+    if 2 ** (len(vae["block_out_channels"]) - 1) != VAE_SCALE_FACTOR:
+        raise top.error("vae.block_out_channels", f"needs 4 levels (the latent is 1/{VAE_SCALE_FACTOR} of the image)")
+    if len(vae["down_block_types"]) != len(vae["block_out_channels"]):
+        raise top.error("vae.down_block_types", "needs one entry per block_out_channels level")
 
 
 def spec_from_dict(data: Any, source: str, allow_gates: bool = True) -> ModelSpec:

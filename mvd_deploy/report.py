@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mvd_deploy.build import Build, summary_rows
+from mvd_deploy.contact_sheet import contact_sheet, read_video
 from mvd_deploy.fileio import load_json, staged_dir
 
 
@@ -101,11 +102,14 @@ class ReportResult:
         return {"report": str(self.report), "images": self.images}
 
 
-def write_report(build: Build | str | Path, *, out: str | Path | None = None) -> ReportResult:
+def write_report(
+    build: Build | str | Path, *, out: str | Path | None = None, video: str | Path | None = None
+) -> ReportResult:
     """An HTML page with plots of ``build`` in ``out`` (default: BUILD/report, replaced whole): FLOPs
-    per stage beside the paper's Table 8, latency per component and target, the slowest ops, and the
-    tables behind them."""
+    per stage beside the paper's Table 8, latency per component and target, the slowest ops, the
+    tables behind them, and a contact sheet of a generated ``video``'s frames."""
     build = build if isinstance(build, Build) else Build(build)
+    frames = read_video(Path(video)) if video else None  # a generated video: checked before anything is written
     out = Path(out) if out else build.path / "report"
     profiles = _profiles(build)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,10 +118,22 @@ def write_report(build: Build | str | Path, *, out: str | Path | None = None) ->
         sections = [_header_section(build)]
         sections += _stages_section(build.manifest.get("stages"), tmp, images)
         sections += _latency_sections(profiles, tmp, images)
+        if frames is not None:
+            sections.append(_video_section(video, frames, tmp, images))
         sections.append(_components_section(summary_rows(build)))
         sections += _gates_section(build.manifest.get("gates", {}))
         (tmp / "index.html").write_text(_page(sections))
     return ReportResult(report=out / "index.html", images=images)
+
+
+def _video_section(video, frames, directory: Path, images: list[str]) -> str:
+    sheet = contact_sheet(frames, directory / "contact_sheet.png")
+    images.append("contact_sheet.png")
+    return (
+        f"<h2>Generated video: {html.escape(str(video))}</h2><p>{sheet['frames']} frames of "
+        f"{sheet['frame_size'][0]}x{sheet['frame_size'][1]} px, in reading order</p>"
+        "<img src='contact_sheet.png' alt='contact sheet of the frames'>"
+    )
 
 
 def _profiles(build: Build) -> list[dict]:

@@ -90,3 +90,17 @@ def load_diffusers_weights(directory: Path, model: torch.nn.Module) -> torch.nn.
     dtype = next(iter(header.values())).dtype if header else "float32"
     load_weights(weights, model, dtype)
     return model.float()
+
+
+def load_weight_subset(path: Path, model: torch.nn.Module, prefixes: tuple[str, ...]) -> None:
+    """Load the keys of ``path`` that start with ``prefixes`` into ``model`` (the rest of the file,
+    e.g. a VAE's decoder, is not read), checked like ``load_weights``."""
+    header = {k: v for k, v in read_safetensors_header(path).items() if k.startswith(prefixes)}
+    dtype = next(iter(header.values())).dtype if header else "float32"
+    check_weights(path, header, model, dtype)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {key: f.get_tensor(key).clone() for key in header}
+    except (SafetensorError, OSError) as e:
+        raise MvdError(f"{path}: cannot read weights ({_one_line(e)})") from None
+    model.load_state_dict(state, strict=True, assign=True)

@@ -26,9 +26,9 @@ def _copy_build(build: Path, tmp_path: Path) -> Path:
 
 def test_export_writes_one_checked_onnx_and_one_data_file_per_component(tiny_build):
     manifest = json.loads((tiny_build / "build.json").read_text())
-    assert set(manifest["components"]) == {"unet", "decoder"}
+    assert list(manifest["components"]) == ["image_encoder", "vae_encoder", "unet", "decoder"]  # pipeline order
     files = sorted(p.name for p in tiny_build.iterdir())
-    assert files == ["build.json", "decoder.data", "decoder.onnx", "unet.data", "unet.onnx"]
+    assert files == ["build.json"] + sorted(f"{c}.{ext}" for c in manifest["components"] for ext in ("data", "onnx"))
     for component in manifest["components"].values():
         path = tiny_build / component["onnx"]
         check_onnx(path)
@@ -42,6 +42,13 @@ def test_export_writes_one_checked_onnx_and_one_data_file_per_component(tiny_bui
     assert [i["name"] for i in unet["inputs"]] == ["sample", "encoder_hidden_states"]  # conditioning folded
     assert unet["inputs"][0]["shape"] == [1, 14, 8, 8, 16]
     assert manifest["components"]["decoder"]["outputs"][0]["shape"] == [1, 14, 3, 64, 128]
+    assert manifest["components"]["image_encoder"]["outputs"][0] | {"dtype": None} == {
+        "name": "image_embeds",
+        "shape": [1, 1, 32],
+        "dtype": None,
+    }
+    assert manifest["components"]["vae_encoder"]["outputs"][0]["shape"] == [1, 4, 8, 16]
+    assert manifest["sampler"] == "folded" and manifest["pipeline"]["sampler_folded"]
     assert [p["name"] for p in manifest["passes"]][0] == "merge_funnels"
     assert manifest["toolchain"]["torch"].startswith("2.13.0")
 
@@ -173,7 +180,8 @@ def test_int8_compile_reports_its_psnr_honestly(tiny_build, tmp_path, int8):
         return  # the threshold logic below is the same for both forms; static calibration is the slow one
     # A threshold far above the measured figure refuses the form and writes nothing of it.
     shutil.rmtree(build.path / "compiled" / "ort-cpu" / form)
-    with pytest.raises(ValidationFailed, match=rf"unet \(ort-cpu {form}\): .* dB PSNR against the exported model"):
+    # (the first component under it refuses the form: an encoder or the UNet)
+    with pytest.raises(ValidationFailed, match=rf"\w+ \(ort-cpu {form}\): .* dB PSNR against the exported model"):
         get_backend("ort-cpu").compile(
             build,
             [resolve_target("ort-cpu")],

@@ -35,8 +35,13 @@ def _profile(unet_ms=1500.0, decoder_ms=300.0, unet_mb=2000.0, psnr=45.0):
         "schema_version": 1,
         "target": "xiaomi-14-pro",
         "form": "float16",
-        "components": {"unet": component(unet_ms, unet_mb, psnr), "decoder": component(decoder_ms, 500.0, psnr)},
-        "total_latency_ms": unet_ms + decoder_ms,
+        "components": {
+            "image_encoder": component(120.0, 800.0, 45.0),
+            "vae_encoder": component(180.0, 300.0, 45.0),
+            "unet": component(unet_ms, unet_mb, psnr),
+            "decoder": component(decoder_ms, 500.0, psnr),
+        },
+        "total_latency_ms": 120.0 + 180.0 + unet_ms + decoder_ms,
     }
 
 
@@ -53,8 +58,8 @@ def test_gate_within_budget_exits_0_and_writes_junit_and_markdown(tmp_path):
     report = json.loads(result.stdout)
     assert report["passed"] and report["failures"] == 0
     suite = ET.parse(tmp_path / "profile.junit.xml").getroot().find("testsuite")
-    # unet and decoder × (latency, memory, PSNR) + the pipeline total
-    assert suite.get("tests") == "7" and suite.get("failures") == "0" and len(suite.findall("testcase")) == 7
+    # the four components × (latency, memory, PSNR) + the pipeline total
+    assert suite.get("tests") == "13" and suite.get("failures") == "0" and len(suite.findall("testcase")) == 13
     assert "within budget" in (tmp_path / "profile.gate.md").read_text()
 
 
@@ -74,7 +79,7 @@ def test_gate_over_budget_exits_1_with_measured_vs_budget(tmp_path):
         ("xiaomi-14-pro.pipeline", "total_latency_ms"),
     }
     assert failed["xiaomi-14-pro.unet", "latency_ms"] == "unet latency_ms: measured 2600 ms, budget ≤ 2000 ms"
-    assert root.get("failures") == "4" and root.get("tests") == "7"
+    assert root.get("failures") == "4" and root.get("tests") == "13"
     assert "| unet | latency_ms | 2600 ms | ≤ 2000 ms | ❌ |" in result.stdout
 
 
@@ -119,7 +124,11 @@ def test_profile_gate_on_ort_cpu(compiled_build, tmp_path):
     runner = CliRunner()
     shipped = (ROOT / "device_profiles" / "ort-cpu.yaml").read_text()
     loose, tight = tmp_path / "loose.yaml", tmp_path / "tight.yaml"
-    shipped = shipped.replace("decoder: {min_compute_efficiency: 0.2,", "decoder: {min_compute_efficiency: 0.000001,")
+    for other in ("decoder: {min_compute_efficiency: 0.2,", "image_encoder: {min_compute_efficiency: 0.2,"):
+        shipped = shipped.replace(other, other.split("{")[0] + "{min_compute_efficiency: 0.000001,")
+    shipped = shipped.replace(
+        "vae_encoder: {min_compute_efficiency: 0.1,", "vae_encoder: {min_compute_efficiency: 0.000001,"
+    )
     loose.write_text(shipped.replace("min_compute_efficiency: 0.2,", "min_compute_efficiency: 0.000001,"))
     tight.write_text(shipped.replace("min_compute_efficiency: 0.2,", "min_compute_efficiency: 0.99,"))
     result = runner.invoke(main, ["profile", str(compiled_build), "--target", str(loose), "--runs", "1", "--gate"])
@@ -142,7 +151,12 @@ def test_manifest_records_hashes_of_every_file(compiled_build):
     files = manifest["files"]
     assert {"unet.onnx", "unet.data", "compiled/ort-cpu/fp32/unet.onnx"} <= set(files)
     assert files["unet.data"]["sha256"] == sha256_file(compiled_build / "unet.data")
-    assert set(manifest["checkpoint_sha256"]) == {"config.json", "unet.safetensors"}
+    assert set(manifest["checkpoint_sha256"]) == {
+        "config.json",
+        "unet.safetensors",
+        "image_encoder.safetensors",
+        "vae_encoder.safetensors",
+    }
     assert manifest["toolchain"]["onnxruntime"] and manifest["passes"]
 
 

@@ -12,6 +12,7 @@ from diffusers import AutoencoderTiny
 from helpers import relative_error, tiny_spec
 from mvd_deploy.checkpoint import save_checkpoint
 from mvd_deploy.cli import main
+from mvd_deploy.model.sampler import denoised
 from mvd_deploy.model.single_token import SingleTokenCrossAttention
 from mvd_deploy.model.unet import MobileVDUNet
 from mvd_deploy.passes import DEFAULT_PASSES, DeployPipeline, Pass, PassError, PassOptions
@@ -51,12 +52,13 @@ def test_each_pass_is_exact_and_idempotent(train_time_unet, name):
     pipeline = DeployPipeline(train_time_unet)
     [result] = run_passes(pipeline, make_passes([name]))
     assert result.changed, f"{name} found nothing to do on the train-time model"
-    # The manager's figure is the real error of this pass on its check inputs: recompute it here.
+    # The manager's figure is the real error of this pass on its check inputs (the 1-step sampler's
+    # clean latent, so that fold_sampler is compared too): recompute it here.
     check_inputs = {"seed": 0, "latent_hw": check_latent_hw(before)}
     measured = (
         (
-            train_time_unet(**train_time_unet.example_inputs(**check_inputs))
-            - before(**before.example_inputs(**check_inputs))
+            denoised(train_time_unet, train_time_unet.example_inputs(**check_inputs))
+            - denoised(before, before.example_inputs(**check_inputs))
         )
         .abs()
         .max()
@@ -65,12 +67,12 @@ def test_each_pass_is_exact_and_idempotent(train_time_unet, name):
     # independent of the manager: compare with the untouched copy on other inputs
     inputs = before.example_inputs(seed=11)
     after_inputs = train_time_unet.example_inputs(seed=11)
-    reference, output = before(**inputs), train_time_unet(**after_inputs)
+    reference, output = denoised(before, inputs), denoised(train_time_unet, after_inputs)
     assert relative_error(output, reference) <= 1e-4
     # idempotent: a second run changes nothing at all
     [again] = run_passes(pipeline, make_passes([name]))
     assert again.changed == "" and again.params_after == result.params_after
-    assert torch.equal(train_time_unet(**after_inputs), output)
+    assert torch.equal(denoised(train_time_unet, after_inputs), output)
 
 
 @torch.no_grad()
@@ -85,7 +87,7 @@ def test_exact_passes_are_exact_in_float64(train_time_unet):
     def inputs(model):
         return {k: v.double() for k, v in model.example_inputs(seed=6).items()}
 
-    assert relative_error(unet(**inputs(unet)), before(**inputs(before))) <= 1e-12
+    assert relative_error(denoised(unet, inputs(unet)), denoised(before, inputs(before))) <= 1e-12
 
 
 @torch.no_grad()
@@ -94,8 +96,8 @@ def test_all_passes_together_are_exact(train_time_unet):
     pipeline = DeployPipeline(train_time_unet)
     results = run_passes(pipeline, make_passes(DEFAULT_PASSES))
     assert [r.name for r in results] == list(DEFAULT_PASSES)
-    output = train_time_unet(**train_time_unet.example_inputs(seed=4))
-    assert relative_error(output, before(**before.example_inputs(seed=4))) <= 1e-4
+    output = denoised(train_time_unet, train_time_unet.example_inputs(seed=4))
+    assert relative_error(output, denoised(before, before.example_inputs(seed=4))) <= 1e-4
     assert results[-1].params_after > 0 and pipeline.decoder is not None
 
 
@@ -233,6 +235,7 @@ def test_cli_passes_json_and_errors(tmp_path, train_time_unet):
         "strip_temporal",
         "frames_as_batch",
         "single_token_cross_attention",
+        "fold_sampler",
         "chunk_attention",
         "taesd_decoder",
     ]

@@ -60,7 +60,27 @@ def test_double_methods_have_the_real_signatures(double, method, real_class):
 
 @pytest.fixture
 def build(tiny_build, tmp_path) -> Build:
-    return Build(shutil.copytree(tiny_build, tmp_path / "build"))
+    """The tiny build's UNet and decoder (the AI Hub flow per graph; the encoders are graphs like them,
+    compiled together with the rest in test_all_four_components_compile_in_pipeline_order)."""
+    build = Build(shutil.copytree(tiny_build, tmp_path / "build"))
+    for name in ("image_encoder", "vae_encoder"):
+        build.manifest["components"].pop(name)
+    build.save_manifest()
+    return Build(build.path)
+
+
+def test_all_four_components_compile_in_pipeline_order(tiny_build, tmp_path):
+    build = Build(shutil.copytree(tiny_build, tmp_path / "build"))
+    hub = FakeHub()
+    target = _target(tmp_path, precision="float16")
+    records = QaiHubBackend(hub).compile(build, [target], CompileOptions(), quiet=True)
+    order = ["image_encoder", "vae_encoder", "unet", "decoder"]
+    assert [c[2] for c in _calls(hub, "upload_model")] == [f"mvd-tiny-{name}" for name in order]
+    components = records["xiaomi-14-pro/float16"]["components"]
+    assert list(components) == order
+    for name in order:
+        [graph] = components[name]["graphs"]
+        assert [i["name"] for i in graph["inputs"]] == [i["name"] for i in build.components[name]["inputs"]]
 
 
 def _target(tmp_path, name="xiaomi-14-pro", **keys):

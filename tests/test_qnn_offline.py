@@ -184,9 +184,10 @@ def tiny_offline(tiny_build, tmp_path_factory) -> Build:
     for target, form in FORMS.items():
         options = CompileOptions(form=form, emulate=False, calibration_samples=2)
         QnnOfflineBackend().compile(build, [resolve_target(target)], options)
-        if target == "xiaomi-14-pro":  # the whole build once; the other SoC compiles the decoder alone
-            unet = build.manifest["components"].pop("unet")
-    build.manifest["components"] = {"unet": unet} | build.manifest["components"]
+        if target == "xiaomi-14-pro":  # the whole build once (all four components); the other SoC: the decoder
+            whole = dict(build.manifest["components"])
+            build.manifest["components"] = {"decoder": whole["decoder"]}
+    build.manifest["components"] = whole
     build.save_manifest()
     return Build(build.path)
 
@@ -204,7 +205,9 @@ def test_tiny_build_compiles_offline_for_two_socs(tiny_offline):
         assert record["chipset"] == {"name": soc, "soc_model": soc_model, "htp_arch": htp_arch}
         assert record["options"]["session"] == {"session.disable_cpu_ep_fallback": "1"}
         assert record["qnn"]["qnn_sdk"].startswith("2.")
-        assert set(record["components"]) == ({"unet", "decoder"} if target == "xiaomi-14-pro" else {"decoder"})
+        assert set(record["components"]) == (
+            {"image_encoder", "vae_encoder", "unet", "decoder"} if target == "xiaomi-14-pro" else {"decoder"}
+        )
         for name, component in build.components.items():
             if name not in record["components"]:
                 continue

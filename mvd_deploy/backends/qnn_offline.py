@@ -283,6 +283,7 @@ def quantize_w8a16(source: Path, out: Path, reader, work: Path) -> None:
         model = onnx.load(str(source))
         # qnn_preprocess_model (ORT 1.32) fails on a model with metadata_props (onnxsim writes some)
         del model.metadata_props[:]
+        unshare_norm_parameters(model)
         preprocessed = work / f"{out.stem}.pre.onnx"
         external = {"all_tensors_to_one_file": True, "location": f"{preprocessed.stem}.data"}
         with quiet_ort_quantizer():
@@ -297,6 +298,7 @@ def quantize_w8a16(source: Path, out: Path, reader, work: Path) -> None:
             # (reloaded: qnn_preprocess_model leaves ``model`` pointing at weights in its deleted temp dir)
             model = onnx.load(str(source))
             del model.metadata_props[:]
+            unshare_norm_parameters(model)
             onnx.save(model, str(preprocessed), save_as_external_data=True, **external)
         del model
         source = _opset_for_16bit(preprocessed, work / f"{out.stem}.pre21.onnx")
@@ -325,6 +327,29 @@ def quantize_w8a16(source: Path, out: Path, reader, work: Path) -> None:
     finally:
         for path in work.glob(f"{out.stem}.pre*"):
             path.unlink()
+
+
+def unshare_norm_parameters(model) -> int:
+    """Give every normalisation node its own scale/bias initializers. The exporter shares one
+    ones/zeros pair among all GroupNorms with the same group count (all of the VAE encoder's), and
+    ORT's QDQ quantizer refuses weights shared between nodes; the copies are a few floats each."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    seen, copies = set(), 0
+    for node in model.graph.node:
+        if node.op_type not in ("InstanceNormalization", "LayerNormalization", "GroupNormalization"):
+            continue
+        for index in range(1, len(node.input)):
+            name = node.input[index]
+            if name not in initializers:
+                continue
+            if name in seen:
+                copy = model.graph.initializer.add()
+                copy.CopyFrom(initializers[name])
+                copy.name = f"{name}.{node.name}"
+                node.input[index] = copy.name
+                copies += 1
+            seen.add(name)
+    return copies
 
 
 def calibrate_min_max(source: Path, reader, cache: Path, *, config) -> Path:

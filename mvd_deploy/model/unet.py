@@ -62,6 +62,9 @@ class MobileVDUNet(nn.Module):
             setattr(self, name, getattr(base, name))
         # Set by the fold_conditioning pass: the fixed time + added-time embedding, (1, time_embed_dim).
         self.register_buffer("folded_emb", None)
+        # Set by the fold_sampler pass (mvd_deploy.model.sampler.FoldedSampler): sample holds unit noise,
+        # the output is the 1-step sampler's clean latent.
+        self.sampler = None
         self.gate_kinds = install_gates(self)
         cfg = spec.mobilevd
         if cfg.temporal_multiscaling and len(self.down_blocks) < 2:
@@ -147,6 +150,9 @@ class MobileVDUNet(nn.Module):
     def forward(self, sample, encoder_hidden_states, timestep=None, added_time_ids=None) -> torch.Tensor:
         # Mirrors diffusers 0.42.1 UNetSpatioTemporalConditionModel.forward; steps numbered as there.
         batch, frames = sample.shape[:2]
+        # 0. the folded 1-step sampler's input scaling (fold_sampler; not in diffusers' UNet)
+        if self.sampler is not None:
+            sample, noisy_latent = self.sampler.scale_input(sample)
         # 1. time (once the conditioning is folded: the embedding the deploy pass computed)
         if self.conditioning_folded:
             emb = self.folded_emb.expand(batch, -1)
@@ -193,4 +199,6 @@ class MobileVDUNet(nn.Module):
         # 6. post-process
         x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
         # 7. reshape back to (batch, frames, channels, height, width)
-        return x.reshape(batch, frames, *x.shape[1:])
+        x = x.reshape(batch, frames, *x.shape[1:])
+        # 8. the folded sampler's output combination: the clean latent (fold_sampler)
+        return x if self.sampler is None else self.sampler.combine(x, noisy_latent)

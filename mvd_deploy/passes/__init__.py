@@ -6,6 +6,7 @@ A new pass is one new file and one line in PASSES.
 from mvd_deploy.passes.base import DeployPipeline, Pass, PassError, PassOptions
 from mvd_deploy.passes.chunk_attention import ChunkAttention
 from mvd_deploy.passes.fold_conditioning import FoldConditioning
+from mvd_deploy.passes.fold_sampler import FoldSampler
 from mvd_deploy.passes.frames_as_batch import FramesAsBatch
 from mvd_deploy.passes.merge_funnels import MergeFunnels
 from mvd_deploy.passes.single_token_cross_attention import SingleTokenCrossAttentionPass
@@ -20,6 +21,7 @@ PASSES: dict[str, type[Pass]] = {
         FramesAsBatch,
         SingleTokenCrossAttentionPass,
         FoldConditioning,
+        FoldSampler,
         ChunkAttention,
         TAESDDecoderPass,
     )

@@ -27,15 +27,34 @@ class PassOptions:
 
 
 class DeployPipeline(nn.Module):
-    """What the passes rewrite: the MobileVD UNet and, once ``taesd_decoder`` ran, its decoder."""
+    """What the passes rewrite: the MobileVD UNet and, once ``taesd_decoder`` ran, its decoder; and
+    the conditioning encoders when the checkpoint has them (mvd_deploy.model.encoders)."""
 
-    def __init__(self, unet: nn.Module, decoder: nn.Module | None = None):
+    ORDER = ("image_encoder", "vae_encoder", "unet", "decoder")  # the order an app runs them in
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        decoder: nn.Module | None = None,
+        image_encoder: nn.Module | None = None,
+        vae_encoder: nn.Module | None = None,
+    ):
         super().__init__()
+        self.image_encoder = image_encoder
+        self.vae_encoder = vae_encoder
         self.unet = unet
         self.decoder = decoder
 
     def components(self) -> dict[str, nn.Module]:
-        return {name: m for name, m in (("unet", self.unet), ("decoder", self.decoder)) if m is not None}
+        return {name: getattr(self, name) for name in self.ORDER if getattr(self, name) is not None}
+
+    def encoder_input_shape(self, component: str) -> tuple[int, ...]:
+        """image_encoder: the CLIP image (1, 3, S, S); vae_encoder: the video-size image (1, 3, H, W)."""
+        if component == "image_encoder":
+            size = self.unet.spec.image_encoder["image_size"]
+            return (1, 3, size, size)
+        video = self.unet.spec.mobilevd.video
+        return (1, 3, video.height, video.width)
 
     def decoder_input_shape(self) -> tuple[int, ...]:
         """The latents the decoder takes: the UNet's output at the deploy shape."""
@@ -46,9 +65,13 @@ class DeployPipeline(nn.Module):
         """FLOPs of one call of ``component`` at the deploy shape (meta stand-ins); 0 when absent."""
         if component == "unet":
             return count_model_flops(self.unet).total
-        if self.decoder is None:
+        module = getattr(self, component)
+        if module is None:
             return 0
-        return count_flops(self.decoder, {"latents": torch.empty(self.decoder_input_shape(), device="meta")}).total
+        if component == "decoder":
+            return count_flops(module, {"latents": torch.empty(self.decoder_input_shape(), device="meta")}).total
+        name = "pixel_values" if component == "image_encoder" else "image"
+        return count_flops(module, {name: torch.empty(self.encoder_input_shape(component), device="meta")}).total
 
 
 class Pass:

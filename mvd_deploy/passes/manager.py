@@ -1,9 +1,10 @@
 """The pass manager: runs an ordered list of passes and proves each exact one kept the outputs.
 
 Every exact pass is checked against its own input model on fixed random inputs (fp32): the UNet's
-output before and after must agree to ``tolerance`` (max abs error relative to the output's
-largest magnitude). The check runs at a reduced latent size (the passes rewrite weights and layer
-structure, never anything that depends on the spatial size), so full-size models check in seconds.
+output before and after (as the 1-step sampler's clean latent, so that fold_sampler is checked too)
+must agree to ``tolerance`` (max abs error relative to the output's largest magnitude). The check
+runs at a reduced latent size (the passes rewrite weights and layer structure, never anything that
+depends on the spatial size), so full-size models check in seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mvd_deploy.model.sampler import denoised
 from mvd_deploy.passes import PASSES, DeployPipeline, Pass, PassError, PassOptions
 from mvd_deploy.progress import progress_bar
 
@@ -96,8 +98,8 @@ class _EquivalenceCheck:
         self.reference = self._unet_output() if self.enabled else None
 
     def _unet_output(self) -> torch.Tensor:
-        unet = self.pipeline.unet
-        return unet(**unet.example_inputs(seed=self.seed, latent_hw=self.hw))
+        unet = self.pipeline.unet  # as the 1-step sampler's clean latent, so that fold_sampler is checked too
+        return denoised(unet, unet.example_inputs(seed=self.seed, latent_hw=self.hw))
 
     def after(self, p: Pass) -> tuple[float | None, float | None]:
         """(max abs error, relative error) of an exact pass against its input; PassError past tolerance."""
