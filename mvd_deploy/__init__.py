@@ -41,7 +41,7 @@ _API = {
     "pull_build": "pull",
     "PullResult": "pull",
     "write_report": "report",
-    "generate": "generate",
+    "generate_video": "generate",
     "ReportResult": "report",
     "show_progress": "progress",
     "MvdError": "errors",
@@ -49,7 +49,7 @@ _API = {
 }
 
 __all__ = [
-    "generate",
+    "generate_video",
     "init_checkpoint",
     "CheckpointResult",
     "inspect_model",

@@ -500,9 +500,9 @@ def report_cmd(build_dir, out, video, as_json):
 @_user_errors
 def generate_cmd(build_dir, image, out, target, form, seed, reference, frames_dir, as_json):
     """Image → video from a build's compiled artifacts: the four components, timed, then MP4 + GIF."""
-    from mvd_deploy.generate import format_generate, generate
+    from mvd_deploy.generate import format_generate, generate_video
 
-    result = generate(
+    result = generate_video(
         build_dir, image=image, out=out, target=target, form=form, seed=seed, reference=reference, frames_dir=frames_dir
     )
     _emit(result, as_json, format_generate)

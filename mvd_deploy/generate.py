@@ -124,7 +124,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def generate(
+def generate_video(
     build_dir: str | Path,
     *,
     image: str | Path,

@@ -105,12 +105,13 @@ def test_reference_pipeline_equals_diffusers_svd(svd_pipeline_dir, tmp_path):
     from diffusers import StableVideoDiffusionPipeline
 
     from mvd_deploy.checkpoint import init_checkpoint
-    from mvd_deploy.deploy import deploy
+    from mvd_deploy.deploy import deploy_checkpoint
     from mvd_deploy.pipeline import contract_of, make_inputs, run_reference
 
     recipe = plain_svd_recipe(tmp_path / "plain-svd.yaml")
-    init_checkpoint(recipe, tmp_path / "ckpt", from_svd=svd_pipeline_dir, quiet=True)
-    pipeline, _, info = deploy(tmp_path / "ckpt", quiet=True)
+    init_checkpoint(recipe, out=tmp_path / "ckpt", from_svd=svd_pipeline_dir)
+    deployment = deploy_checkpoint(tmp_path / "ckpt")
+    pipeline, info = deployment.pipeline, deployment.checkpoint
     video = info.spec.mobilevd.video
     image = _image(video.width, video.height)
     inputs = make_inputs(image, contract_of(pipeline), SEED)
@@ -185,8 +186,8 @@ def test_fold_sampler_is_exact_in_float64():
     unet = MobileVDUNet.build(dataclasses.replace(spec, mobilevd=dataclasses.replace(spec.mobilevd, video=two_frames)))
     unet = unet.eval().double()
     before = copy.deepcopy(unet)
-    assert FoldSampler().run(DeployPipeline(unet))
-    assert FoldSampler().run(DeployPipeline(unet)) == ""  # idempotent
+    assert FoldSampler()(DeployPipeline(unet))
+    assert FoldSampler()(DeployPipeline(unet)) == ""  # idempotent
     inputs = {k: v.double() for k, v in unet.example_inputs(seed=5, latent_hw=(8, 8)).items()}
     folded = unet(**inputs)
     # by hand, around the untouched UNet: x = ε·√(σ²+1); x₀ = x/(σ²+1) − σ/√(σ²+1)·F(x/√(σ²+1))
@@ -264,10 +265,10 @@ def test_generate_matches_the_pytorch_reference(generated):
 @pytest.mark.slow
 def test_generate_with_another_seed_gives_another_video(tiny_compiled_build, generated, tmp_path):
     """From Python, keyword options: seed 6 against the session's seed-5 run."""
-    from mvd_deploy import generate
+    from mvd_deploy import generate_video
 
     work, report = generated
-    other = generate(
+    other = generate_video(
         tiny_compiled_build, image=work / "input.png", out=tmp_path / "b.mp4", seed=6, frames_dir=tmp_path / "fb"
     )
     assert other["frames"] == report["frames"] and other["seed"] == 6
@@ -330,9 +331,9 @@ def test_generate_refuses_bad_options(tiny_checkpoint, tmp_path):
 def test_pull_says_how_to_call_the_pipeline(tiny_compiled_build, tmp_path):
     import json
 
-    from mvd_deploy.pull import pull
+    from mvd_deploy.pull import pull_build
 
-    pull(str(tiny_compiled_build), tmp_path / "pulled")
+    pull_build(tiny_compiled_build, out=tmp_path / "pulled")
     artifacts = json.loads((tmp_path / "pulled" / "artifacts.json").read_text())
     contract = artifacts["pipeline"]
     assert contract["order"] == ["image_encoder", "vae_encoder", "unet", "decoder"]
@@ -438,8 +439,8 @@ def test_svd_pipeline_dir_must_match_the_recipe(svd_pipeline_dir, tmp_path):
     data["image_encoder"]["num_hidden_layers"] = 3
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(MvdError, match=r"image_encoder/config.json: key 'num_hidden_layers' is 2 but recipe .* has"):
-        init_checkpoint(tmp_path / "other.yaml", tmp_path / "ck", from_svd=svd_pipeline_dir, quiet=True)
+        init_checkpoint(tmp_path / "other.yaml", out=tmp_path / "ck", from_svd=svd_pipeline_dir)
     assert not (tmp_path / "ck").exists()
     # the UNet-directory form still works (encoders then random)
-    result = init_checkpoint(tmp_path / "r.yaml", tmp_path / "ck2", from_svd=svd_pipeline_dir / "unet", quiet=True)
-    assert result["encoders_from"].startswith("random init")
+    result = init_checkpoint(tmp_path / "r.yaml", out=tmp_path / "ck2", from_svd=svd_pipeline_dir / "unet")
+    assert result.encoders_from.startswith("random init")

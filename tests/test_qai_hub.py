@@ -73,7 +73,7 @@ def test_all_four_components_compile_in_pipeline_order(tiny_build, tmp_path):
     build = Build(shutil.copytree(tiny_build, tmp_path / "build"))
     hub = FakeHub()
     target = _target(tmp_path, precision="float16")
-    records = QaiHubBackend(hub).compile(build, [target], CompileOptions(), quiet=True)
+    records = QaiHubBackend(hub).compile(build, [target], CompileOptions())
     order = ["image_encoder", "vae_encoder", "unet", "decoder"]
     assert [c[2] for c in _calls(hub, "upload_model")] == [f"mvd-tiny-{name}" for name in order]
     components = records["xiaomi-14-pro/float16"]["components"]

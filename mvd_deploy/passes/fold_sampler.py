@@ -25,7 +25,7 @@ class FoldSampler(Pass):
             return f"needs a 1-step deployment (mobilevd.nfe is {nfe}: a multi-step sampler changes σ per step)"
         return None
 
-    def run(self, pipeline: DeployPipeline) -> str:
+    def call(self, pipeline: DeployPipeline) -> str:
         unet = pipeline.unet
         if unet.sampler is not None:
             return ""
