@@ -205,3 +205,51 @@ def ort_session(path: Path, optimization: str = "basic", optimized_path: Path | 
 def run_onnx(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
     session = ort_session(path, arena=False)
     return session.run(None, inputs)[0]
+
+
+# The exporter shares one ones/zeros pair among all GroupNorms with the same group count (all of the
+# VAE encoder's); ORT's QDQ quantizer refuses weights shared between nodes.
+NORM_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization")
+
+
+def _shared_norm_parameters(graph) -> list[tuple]:
+    """(node, input index) of every normalisation scale/bias initializer that another node also reads."""
+    initializers = {t.name for t in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input[1:]:
+            if name in initializers:
+                readers[name] = readers.get(name, 0) + 1
+    return [
+        (node, index)
+        for node in graph.node
+        if node.op_type in NORM_OPS
+        for index in range(1, len(node.input))
+        if readers.get(node.input[index], 0) > 1
+    ]
+
+
+def norms_sharing_parameters(path: Path) -> list[str]:
+    """Names of the normalisation nodes whose scale/bias another node shares (for ``nodes_to_exclude``:
+    ORT CPU's static int8 keeps them float)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return sorted({node.name for node, _ in _shared_norm_parameters(graph)})
+
+
+def unshare_norm_parameters(model) -> int:
+    """Give every normalisation node its own copy of a shared scale/bias initializer (the w8a16 QDQ
+    quantizes them; the copies are a few floats each); returns how many were copied."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    seen, copies = set(), 0
+    for node, index in _shared_norm_parameters(model.graph):
+        name = node.input[index]
+        if name in seen:
+            copy = model.graph.initializer.add()
+            copy.CopyFrom(initializers[name])
+            copy.name = f"{name}.{node.name}"
+            node.input[index] = copy.name
+            copies += 1
+        seen.add(name)
+    return copies

@@ -34,7 +34,7 @@ from mvd_deploy.backends.inputs import VALIDATION_SEED, pipeline_inputs
 from mvd_deploy.build import Build
 from mvd_deploy.errors import MvdError
 from mvd_deploy.metrics import compare, conditioning_sensitivity, require_psnr
-from mvd_deploy.onnx_tools import ort_session, quiet_ort_quantizer
+from mvd_deploy.onnx_tools import norms_sharing_parameters, ort_session, quiet_ort_quantizer
 from mvd_deploy.progress import Stages
 
 logger = logging.getLogger(__name__)
@@ -216,32 +216,8 @@ def _quantize(build: Build, name: str, form: str, source: Path, out: Path, optio
             weight_type=QuantType.QInt8,
             per_channel=True,
             use_external_data_format=True,
-            nodes_to_exclude=_norms_sharing_parameters(source),
+            nodes_to_exclude=norms_sharing_parameters(source),
         )
-
-
-def _norms_sharing_parameters(path: Path) -> list[str]:
-    """Normalisation nodes whose scale/bias initializer another node also reads (the exporter shares
-    the ones/zeros of every GroupNorm with the same group count, e.g. all of the VAE encoder's): ORT's
-    static QDQ quantizer refuses shared weight parameters, so these norms stay float."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input[1:]:
-            if name in initializers:
-                readers.setdefault(name, []).append(node)
-    return sorted(
-        {
-            node.name
-            for nodes in readers.values()
-            if len(nodes) > 1
-            for node in nodes
-            if node.op_type in ("InstanceNormalization", "LayerNormalization", "GroupNormalization")
-        }
-    )
 
 
 def _profile_in_worker(build: Build, component: str, model: Path, runs: int, threads: int) -> dict:

@@ -44,7 +44,7 @@ from mvd_deploy.build import Build
 from mvd_deploy.device_profiles import HUB_PRECISIONS
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.metrics import compare, conditioning_sensitivity, require_psnr
-from mvd_deploy.onnx_tools import describe_io, ort_session, quiet_ort_quantizer
+from mvd_deploy.onnx_tools import describe_io, ort_session, quiet_ort_quantizer, unshare_norm_parameters
 from mvd_deploy.parts import graph_feeds, split_for_targets
 from mvd_deploy.progress import Stages, progress_bar
 
@@ -327,29 +327,6 @@ def quantize_w8a16(source: Path, out: Path, reader, work: Path) -> None:
     finally:
         for path in work.glob(f"{out.stem}.pre*"):
             path.unlink()
-
-
-def unshare_norm_parameters(model) -> int:
-    """Give every normalisation node its own scale/bias initializers. The exporter shares one
-    ones/zeros pair among all GroupNorms with the same group count (all of the VAE encoder's), and
-    ORT's QDQ quantizer refuses weights shared between nodes; the copies are a few floats each."""
-    initializers = {t.name: t for t in model.graph.initializer}
-    seen, copies = set(), 0
-    for node in model.graph.node:
-        if node.op_type not in ("InstanceNormalization", "LayerNormalization", "GroupNormalization"):
-            continue
-        for index in range(1, len(node.input)):
-            name = node.input[index]
-            if name not in initializers:
-                continue
-            if name in seen:
-                copy = model.graph.initializer.add()
-                copy.CopyFrom(initializers[name])
-                copy.name = f"{name}.{node.name}"
-                node.input[index] = copy.name
-                copies += 1
-            seen.add(name)
-    return copies
 
 
 def calibrate_min_max(source: Path, reader, cache: Path, *, config) -> Path:
