@@ -135,11 +135,13 @@ def test_reference_pipeline_equals_diffusers_svd(svd_pipeline_dir, tmp_path):
     ).frames
     assert latents.shape == ours.latents.shape
     # diffusers' Euler step returns x + (x - x0)/σ·(0 - σ) in float32 with |x| = σ·|ε| in the
-    # thousands: that cancellation rounds x0 to one float32 ulp of max|x| (~2e-4). Ours computes x0
-    # directly, so that ulp, plus fp32 tightness on the rest, is the tolerance.
+    # thousands: its subtraction, scaling and addition each round at up to half an ulp of max|x|, ~1 ulp
+    # (~2e-4) after the cancellation; measured here 1.8e-4, i.e. within the bound for this draw only.
+    # Ours computes x0 directly, so the bound of those roundings (2 ulp), plus fp32 tightness on the
+    # rest, is the tolerance: a preprocessing or sampler mistake moves the latents by orders more.
     ulp = float(np.spacing(np.float32(float((inputs.noise * math.sqrt(700.0**2 + 1)).abs().max()))))
     scale = float(latents.abs().max())
-    assert float((ours.latents - latents).abs().max()) <= ulp + 1e-5 * scale
+    assert float((ours.latents - latents).abs().max()) <= 2 * ulp + 1e-5 * scale
 
 
 def test_sampler_constants_are_diffusers_svd_scheduler_at_one_step():
