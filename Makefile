@@ -50,6 +50,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/temporal_attention.py
 
 lint: setup
 	$(BIN)/ruff check mvd_deploy tests bench

@@ -493,16 +493,27 @@ def report_cmd(build_dir, out, video, as_json):
 )
 @click.option("--target", default="ort-cpu", show_default=True, help="Device profile whose compiled form runs.")
 @click.option("--form", help="Compiled form (default: the profile's precision), e.g. int8-dynamic.")
+@click.option(
+    "--offline", is_flag=True, help="Run the target's offline QNN compile on the HTP emulator (slow; not phone timing)."
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the noise (augmentation, then latent).")
 @click.option("--reference", is_flag=True, help="Also run the PyTorch model; report the video PSNR between them.")
 @click.option("--frames", "frames_dir", type=click.Path(file_okay=False), help="Also write every frame as PNG here.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written and the timings as JSON.")
 @_user_errors
-def generate_cmd(build_dir, image, out, target, form, seed, reference, frames_dir, as_json):
+def generate_cmd(build_dir, image, out, target, form, offline, seed, reference, frames_dir, as_json):
     """Image → video from a build's compiled artifacts: the four components, timed, then MP4 + GIF."""
     from mvd_deploy.generate import format_generate, generate_video
 
     result = generate_video(
-        build_dir, image=image, out=out, target=target, form=form, seed=seed, reference=reference, frames_dir=frames_dir
+        build_dir,
+        image=image,
+        out=out,
+        target=target,
+        form=form,
+        offline=offline,
+        seed=seed,
+        reference=reference,
+        frames_dir=frames_dir,
     )
     _emit(result, as_json, format_generate)

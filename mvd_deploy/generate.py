@@ -2,11 +2,12 @@
 
 The image is checked first (missing, unreadable, an unsupported mode or too small: one line, exit 2,
 nothing written); then the four components of the chosen compiled form run one at a time with ONNX
-Runtime, in the steps of mvd_deploy.pipeline; the MP4 (imageio's bundled ffmpeg, through diffusers'
-``export_to_video``), an animated GIF preview and optionally the frames as PNGs are written into a
-staging directory beside ``--out`` and moved into place only once all of them are complete.
-``--reference`` also runs the checkpoint's PyTorch model (train-time form, with the build's
-decoder) on the same inputs and reports the video's PSNR against it.
+Runtime — ort-cpu forms on the CPU, offline QNN forms (``offline``) as their QNN context binaries on
+the HTP emulator for the profile's SoC — in the steps of mvd_deploy.pipeline; the MP4 (imageio's
+bundled ffmpeg, through diffusers' ``export_to_video``), an animated GIF preview and optionally the
+frames as PNGs are written into a staging directory beside ``--out`` and moved into place only once
+all of them are complete. ``--reference`` also runs the checkpoint's PyTorch model (train-time form,
+with the build's decoder) on the same inputs and reports the video's PSNR against it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,17 @@ import numpy as np
 import torch
 from diffusers.utils import export_to_video
 
+from mvd_deploy.backends.qnn_offline import (
+    QnnOfflineBackend,
+    native_output,
+    offline_form,
+    qnn_runtime,
+    require_chipset,
+    session_options,
+)
 from mvd_deploy.build import Build
 from mvd_deploy.deploy import deploy_checkpoint
-from mvd_deploy.device_profiles import resolve_target
+from mvd_deploy.device_profiles import Chipset, resolve_target
 from mvd_deploy.errors import MvdError
 from mvd_deploy.onnx_tools import ort_session
 from mvd_deploy.pipeline import PipelineContract, load_image, make_inputs, run_pipeline, run_reference
@@ -36,7 +45,8 @@ from mvd_deploy.progress import Stages
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("image_encoder", "vae_encoder", "unet", "decoder")
-RUNNABLE_BACKENDS = ("ort-cpu",)  # phone forms run on the phone (or AI Hub); their files are pulled
+# AI Hub forms run on AI Hub's phones (their files are pulled); offline QNN forms on the HTP emulator here
+RUNNABLE_BACKENDS = ("ort-cpu", "qnn-offline")
 
 
 def _check_out(out: Path, frames_dir: Path | None) -> None:
@@ -50,14 +60,24 @@ def _check_out(out: Path, frames_dir: Path | None) -> None:
         raise MvdError(f"--frames {frames_dir}: exists and is not an empty directory")
 
 
-def compiled_form(build: Build, target: str, form: str | None) -> tuple[str, dict]:
-    """The compiled record to run: ``target``'s own form unless ``form`` is given."""
+def compiled_form(build: Build, target: str, form: str | None, offline: bool = False) -> tuple[str, dict]:
+    """The compiled record to run: ``target``'s own form unless ``form`` is given; ``offline``: its
+    offline QNN compile."""
     profile = resolve_target(target)
-    # ort-cpu keys its forms by backend (one CPU target), phone backends by profile name
-    key = f"{profile.backend if profile.backend == 'ort-cpu' else profile.name}/{form or profile.form}"
-    record = build.compiled(key, how=f"mvd-deploy compile {build.path} --target {target}")
-    if record.get("target", profile.name) not in RUNNABLE_BACKENDS or record.get("backend") not in (None, "ort-cpu"):
-        raise MvdError(f"--target {target}: generate runs {', '.join(RUNNABLE_BACKENDS)} forms here, not {key}")
+    if offline:
+        require_chipset(profile)
+        key = f"{profile.name}/{offline_form(QnnOfflineBackend().precision(profile, form))}"
+        how = f"mvd-deploy compile {build.path} --target {target} --offline"
+    else:
+        # ort-cpu keys its forms by backend (one CPU target), phone backends by profile name
+        key = f"{profile.backend if profile.backend == 'ort-cpu' else profile.name}/{form or profile.form}"
+        how = f"mvd-deploy compile {build.path} --target {target}"
+    record = build.compiled(key, how=how)
+    if record.get("backend", "ort-cpu") not in RUNNABLE_BACKENDS:
+        raise MvdError(
+            f"--target {target}: {key} runs on AI Hub's devices; generate runs ort-cpu forms and offline "
+            "QNN forms (--offline, on the HTP emulator) here"
+        )
     missing = [name for name in COMPONENTS if name not in record["components"]]
     if missing:
         raise MvdError(
@@ -82,6 +102,35 @@ def ort_runner(build: Build, record: dict, seconds: dict[str, dict[str, float]])
         return torch.from_numpy(output)
 
     return run
+
+
+def qnn_emulator_runner(build: Build, record: dict, seconds: dict[str, dict[str, float]]):
+    """Run a component with its offline QNN context binaries (its parts in order, each fed the inputs
+    and earlier parts' outputs by name) on the HTP emulator for the record's SoC, CPU fallback
+    disabled. Its times are the emulator's on this CPU, not the phone's."""
+    ort, _ = qnn_runtime()
+    directory = build.path / record["directory"]
+    chipset = Chipset(**record["chipset"])  # the SoC it was compiled for
+
+    def run(name: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        graphs = record["components"][name]["graphs"]
+        start = time.perf_counter()
+        with native_output():  # QNN's log lines go to fds 1 and 2
+            sessions = [ort.InferenceSession(str(directory / g["file"]), session_options(chipset)) for g in graphs]
+        loaded = time.perf_counter()
+        available = {k: v.numpy() for k, v in feeds.items()}
+        for session in sessions:
+            part_feed = {i.name: available[i.name].astype(_NUMPY[i.type]) for i in session.get_inputs()}
+            names = [o.name for o in session.get_outputs()]
+            available.update(zip(names, session.run(names, part_feed), strict=True))
+        seconds[name] = {"load": loaded - start, "run": time.perf_counter() - loaded}
+        output = build.components[name]["outputs"][0]["name"]
+        return torch.from_numpy(available[output].astype(np.float32))
+
+    return run
+
+
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def video_psnr_db(frames: np.ndarray, reference: np.ndarray) -> float:
@@ -131,16 +180,18 @@ def generate_video(
     out: str | Path,
     target: str = "ort-cpu",
     form: str | None = None,
+    offline: bool = False,
     seed: int = 0,
     reference: bool = False,
     frames_dir: str | Path | None = None,
 ) -> dict:
-    """Image → MP4 from a build's compiled form; returns what was written and the timings."""
+    """Image → MP4 from a build's compiled form (``offline``: the target's offline QNN compile, run on
+    the HTP emulator); returns what was written and the timings."""
     out, frames_dir = Path(out), Path(frames_dir) if frames_dir else None
     picture = load_image(image)  # bad input is refused before anything else
     _check_out(out, frames_dir)
     build = Build(build_dir)
-    key, record = compiled_form(build, target, form)
+    key, record = compiled_form(build, target, form, offline)
     if not build.manifest.get("pipeline"):
         raise MvdError(f"{build.path / 'build.json'}: key 'pipeline' is missing (exported without encoders)")
     contract = PipelineContract.from_dict(build.manifest["pipeline"])
@@ -149,11 +200,17 @@ def generate_video(
         inputs = make_inputs(picture, contract, seed)
     seconds: dict[str, dict[str, float]] = {}
     with stages.stage(f"run the four components ({key})"):
-        result = run_pipeline(ort_runner(build, record, seconds), inputs, contract)
+        runner = qnn_emulator_runner if record.get("backend") == "qnn-offline" else ort_runner
+        result = run_pipeline(runner(build, record, seconds), inputs, contract)
     frames = to_uint8(result.frames)
     report = {
         "build": str(build.path),
         "compiled": key,
+        "runs_on": (
+            f"QNN HTP emulator for {record['chipset']['name']} on this CPU (times are the emulator's, not the phone's)"
+            if record.get("backend") == "qnn-offline"
+            else "ONNX Runtime CPU"
+        ),
         "image": str(image),
         "seed": seed,
         "frames": contract.frames,
@@ -202,6 +259,7 @@ def _reference(build: Build, inputs, result) -> dict:
 
 def format_generate(r: dict) -> str:
     lines = [f"wrote {r['written']['video']} ({r['frames']} frames, {r['size'][0]}x{r['size'][1]}, {r['fps']} fps)"]
+    lines.append(f"  {r['compiled']} on {r['runs_on']}")
     lines.append(
         f"  preview {r['written']['preview']}"
         + (f", frames {r['written']['frames']}" if "frames" in r["written"] else "")

@@ -164,6 +164,31 @@ def test_chunk_attention_splits_the_queries_exactly(train_time_unet, monkeypatch
     assert relative_error(output, before(**inputs)) <= 1e-6
 
 
+@torch.no_grad()
+def test_broadcast_temporal_attention_is_exact_and_leaves_no_temporal_matmul(train_time_unet, monkeypatch):
+    import torch.nn.functional as F
+
+    before = copy.deepcopy(train_time_unet)
+    [result] = run_passes(DeployPipeline(train_time_unet), make_passes(["broadcast_temporal_attention"]))
+    temporal = [
+        p for p, _ in train_time_unet.named_modules() if p.endswith(".attn1") and ".temporal_transformer_blocks." in p
+    ]
+    assert temporal
+    assert result.changed == f"temporal self-attention as broadcast multiply-and-sum in {len(temporal)} layers"
+    sdpa_key_lengths, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        sdpa_key_lengths.append(key.shape[2])
+        return sdpa(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    inputs = train_time_unet.example_inputs(seed=9)
+    output = train_time_unet(**inputs)
+    frames = set(train_time_unet.level_frames())
+    assert sdpa_key_lengths and not frames & set(sdpa_key_lengths)  # spatial attention only: no F-key SDPA left
+    assert relative_error(output, before(**inputs)) <= 1e-5  # fp32 sums in another order (float64: above)
+
+
 # -- the decoder --------------------------------------------------------------------------------------
 @torch.no_grad()
 def test_taesd_decoder_decodes_every_frame(train_time_unet):
@@ -237,6 +262,7 @@ def test_cli_passes_json_and_errors(tmp_path, train_time_unet):
         "single_token_cross_attention",
         "fold_sampler",
         "chunk_attention",
+        "broadcast_temporal_attention",
         "taesd_decoder",
     ]
     # every exact pass was checked (a figure, not None), and only those

@@ -261,6 +261,33 @@ np.save({str(tmp_path / "frames.npy")!r}, session.run(None, {{"latents": latents
     assert psnr_db(frames, expected) > 40  # fp16 on the emulated HTP; measured ~55 dB
 
 
+@pytest.mark.slow
+def test_generate_runs_the_offline_contexts_on_the_emulator(tiny_offline, tmp_path):
+    """Image → video from the four w8a16 QNN context binaries (xiaomi-14-pro), on the HTP emulator."""
+    import imageio.v3 as iio
+    import PIL.Image
+
+    from mvd_deploy import generate_video
+
+    pixels = np.random.default_rng(0).integers(0, 255, (90, 160, 3), dtype=np.uint8)
+    PIL.Image.fromarray(pixels).save(tmp_path / "in.png")
+    report = generate_video(
+        tiny_offline.path,
+        image=tmp_path / "in.png",
+        out=tmp_path / "v.mp4",
+        target="xiaomi-14-pro",
+        offline=True,
+        reference=True,
+    )
+    assert report["compiled"] == "xiaomi-14-pro/w8a16-offline" and "HTP emulator for SM8650" in report["runs_on"]
+    assert list(report["seconds"]) == ["image_encoder", "vae_encoder", "unet", "decoder"]
+    contract = tiny_offline.manifest["pipeline"]
+    frames = np.asarray(iio.imread(tmp_path / "v.mp4", index=None))
+    assert frames.shape[0] == contract["frames"] and frames.shape[1:3] == (contract["height"], contract["width"])
+    # w8a16 on random weights, 2 calibration samples: far from fp32, but the same video, not noise
+    assert report["reference"]["psnr_db"] > 15
+
+
 # -- the micro build: emulated checks, parts, refusals -------------------------------------------------------
 @pytest.mark.parametrize("form,floor", [("w8a16", 20.0), ("float16", 40.0)])
 def test_parts_chained_on_the_emulator_match_the_whole_export(micro, tmp_path, form, floor):

@@ -4,6 +4,7 @@ A new pass is one new file and one line in PASSES.
 """
 
 from mvd_deploy.passes.base import DeployPipeline, Pass, PassError, PassOptions
+from mvd_deploy.passes.broadcast_temporal_attention import BroadcastTemporalAttention
 from mvd_deploy.passes.chunk_attention import ChunkAttention
 from mvd_deploy.passes.fold_conditioning import FoldConditioning
 from mvd_deploy.passes.fold_sampler import FoldSampler
@@ -23,6 +24,7 @@ PASSES: dict[str, type[Pass]] = {
         FoldConditioning,
         FoldSampler,
         ChunkAttention,
+        BroadcastTemporalAttention,
         TAESDDecoderPass,
     )
 }

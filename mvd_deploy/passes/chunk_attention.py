@@ -17,6 +17,14 @@ from diffusers.models.attention_processor import Attention
 from mvd_deploy.passes.base import DeployPipeline, Pass
 
 
+def self_attention_projections(attn: Attention, hidden_states, encoder_hidden_states, attention_mask):
+    """q, k, v and the head size of a plain self-attention (no context, no mask), as AttnProcessor2_0."""
+    if encoder_hidden_states is not None or attention_mask is not None:
+        raise ValueError(f"{type(attn.processor).__name__} is for self-attention without a mask")
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    return query, key, value, key.shape[-1] // attn.heads
+
+
 class ChunkedSelfAttnProcessor:
     """diffusers' AttnProcessor2_0 for plain self-attention, queries taken ``chunk_tokens`` at a time."""
 
@@ -24,11 +32,10 @@ class ChunkedSelfAttnProcessor:
         self.chunk_tokens = chunk_tokens
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("chunked attention is for self-attention without a mask")
+        query, key, value, head_dim = self_attention_projections(
+            attn, hidden_states, encoder_hidden_states, attention_mask
+        )
         batch, tokens, _ = hidden_states.shape
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
 
         def heads(x):
             return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
