@@ -288,6 +288,16 @@ def test_generate_runs_the_offline_contexts_on_the_emulator(tiny_offline, tmp_pa
     assert report["reference"]["psnr_db"] > 15
 
 
+def test_generate_refuses_an_ai_hub_form(micro):
+    """AI Hub's compiled forms run on AI Hub's phones: generate says so instead of running them here."""
+    from mvd_deploy.generate import compiled_form
+
+    micro.manifest.setdefault("compiled", {})["xiaomi-14-pro/w8a16"] = {"backend": "qai-hub", "components": {}}
+    micro.save_manifest()
+    with pytest.raises(MvdError, match=r"xiaomi-14-pro/w8a16 runs on AI Hub's devices; .* \(--offline"):
+        compiled_form(Build(micro.path), "xiaomi-14-pro", None)
+
+
 # -- the micro build: emulated checks, parts, refusals -------------------------------------------------------
 @pytest.mark.parametrize("form,floor", [("w8a16", 20.0), ("float16", 40.0)])
 def test_parts_chained_on_the_emulator_match_the_whole_export(micro, tmp_path, form, floor):
