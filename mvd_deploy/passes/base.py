@@ -74,6 +74,13 @@ class DeployPipeline(nn.Module):
         return count_flops(module, {name: torch.empty(self.encoder_input_shape(component), device="meta")}).total
 
 
+def needs_one_step(pipeline: DeployPipeline, why: str) -> str | None:
+    """The shared precondition of the passes that fold per-step values into constants: a 1-step
+    deployment (``why``: what would change per step otherwise)."""
+    nfe = pipeline.unet.spec.mobilevd.nfe
+    return None if nfe == 1 else f"needs a fixed-step (1-step) deployment (mobilevd.nfe is {nfe}: {why})"
+
+
 class Pass:
     """Subclasses set ``name``, ``exact`` and ``component`` and implement ``call`` (and ``why_not``
     where a pass has preconditions).

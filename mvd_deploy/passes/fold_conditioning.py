@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mvd_deploy.passes.base import DeployPipeline, Pass
+from mvd_deploy.passes.base import DeployPipeline, Pass, needs_one_step
 
 
 class ConstantTimeProjection(nn.Module):
@@ -29,10 +29,7 @@ class FoldConditioning(Pass):
     name = "fold_conditioning"
 
     def why_not(self, pipeline: DeployPipeline) -> str | None:
-        nfe = pipeline.unet.spec.mobilevd.nfe
-        if nfe != 1:
-            return f"needs a fixed-step deployment (mobilevd.nfe is {nfe}, the timestep changes per step)"
-        return None
+        return needs_one_step(pipeline, "the timestep changes per step")
 
     @torch.no_grad()
     def call(self, pipeline: DeployPipeline) -> str:

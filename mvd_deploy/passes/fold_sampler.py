@@ -13,17 +13,14 @@ the list to keep the UNet's raw v-prediction output.
 from __future__ import annotations
 
 from mvd_deploy.model.sampler import FoldedSampler, sampler_scalings
-from mvd_deploy.passes.base import DeployPipeline, Pass
+from mvd_deploy.passes.base import DeployPipeline, Pass, needs_one_step
 
 
 class FoldSampler(Pass):
     name = "fold_sampler"
 
     def why_not(self, pipeline: DeployPipeline) -> str | None:
-        nfe = pipeline.unet.spec.mobilevd.nfe
-        if nfe != 1:
-            return f"needs a 1-step deployment (mobilevd.nfe is {nfe}: a multi-step sampler changes σ per step)"
-        return None
+        return needs_one_step(pipeline, "a multi-step sampler changes σ per step")
 
     def call(self, pipeline: DeployPipeline) -> str:
         unet = pipeline.unet
