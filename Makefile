@@ -23,7 +23,7 @@ test: setup
 # for ONNX Runtime CPU (fp32 and int8) → profile both (fp32 gated on the ort-cpu profile, whose
 # latency budget is a share of this CPU's measured GEMM rate) → summary table → image → video from the
 # compiled fp32 components, checked against the PyTorch model → HTML report with its contact sheet.
-# Then the phone path offline, on the tiny recipe (full size compiles too — UNet + decoder in 37 min
+# Then the phone path offline, on the tiny recipe (full size compiles too — UNet + decoder in 28 min
 # here: `mvd-deploy compile $(DEMO)/build --target xiaomi-14-pro --offline --calibration-samples 8
 # --no-emulate`, docs/qnn-offline.md): every graph compiled for the Xiaomi 14 Pro's Snapdragon
 # 8 Gen 3 NPU (w8a16, QNN HTP, CPU fallback off), the decoder checked on the HTP emulator (the

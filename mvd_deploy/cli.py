@@ -491,7 +491,12 @@ def report_cmd(build_dir, out, video, as_json):
 @click.option(
     "--out", required=True, type=click.Path(dir_okay=False), help="The MP4 to write (a .gif preview beside it)."
 )
-@click.option("--target", default="ort-cpu", show_default=True, help="Device profile whose compiled form runs.")
+@click.option(
+    "--target",
+    default="ort-cpu",
+    show_default=True,
+    help="Device profile whose compiled form runs (a phone's AI Hub form runs as inference jobs on it).",
+)
 @click.option("--form", help="Compiled form (default: the profile's precision), e.g. int8-dynamic.")
 @click.option(
     "--offline", is_flag=True, help="Run the target's offline QNN compile on the HTP emulator (slow; not phone timing)."

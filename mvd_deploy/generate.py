@@ -1,13 +1,14 @@
 """``mvd-deploy generate``: image → video from a build's compiled artifacts.
 
 The image is checked first (missing, unreadable, an unsupported mode or too small: one line, exit 2,
-nothing written); then the four components of the chosen compiled form run one at a time with ONNX
-Runtime — ort-cpu forms on the CPU, offline QNN forms (``offline``) as their QNN context binaries on
-the HTP emulator for the profile's SoC — in the steps of mvd_deploy.pipeline; the MP4 (imageio's
-bundled ffmpeg, through diffusers' ``export_to_video``), an animated GIF preview and optionally the
-frames as PNGs are written into a staging directory beside ``--out`` and moved into place only once
-all of them are complete. ``--reference`` also runs the checkpoint's PyTorch model (train-time form,
-with the build's decoder) on the same inputs and reports the video's PSNR against it.
+nothing written); then the four components of the chosen compiled form run one at a time, in the
+steps of mvd_deploy.pipeline — ort-cpu forms with ONNX Runtime on the CPU, offline QNN forms
+(``offline``) as their QNN context binaries on the HTP emulator for the profile's SoC, AI Hub forms as
+inference jobs on the compile's phone; the MP4 (imageio's bundled ffmpeg, through diffusers'
+``export_to_video``), an animated GIF preview and optionally the frames as PNGs are written into a
+staging directory beside ``--out`` and moved into place only once all of them are complete.
+``--reference`` also runs the checkpoint's PyTorch model (train-time form, with the build's decoder)
+on the same inputs and reports the video's PSNR against it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from diffusers.utils import export_to_video
 
+from mvd_deploy.backends.qai_hub import QaiHubBackend
 from mvd_deploy.backends.qnn_offline import (
     QnnOfflineBackend,
     native_output,
@@ -45,8 +47,13 @@ from mvd_deploy.progress import Stages
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("image_encoder", "vae_encoder", "unet", "decoder")
-# AI Hub forms run on AI Hub's phones (their files are pulled); offline QNN forms on the HTP emulator here
-RUNNABLE_BACKENDS = ("ort-cpu", "qnn-offline")
+RUNS_ON = {  # per backend, filled from the compiled record
+    "qnn-offline": "QNN HTP emulator for {chipset[name]} on this CPU (times are the emulator's, not the phone's)",
+    "qai-hub": (
+        "{device[name]} on Qualcomm AI Hub, as inference jobs (times are job round trips: upload, queue, run, "
+        "download; `mvd-deploy profile` measures latency)"
+    ),
+}
 
 
 def _check_out(out: Path, frames_dir: Path | None) -> None:
@@ -61,8 +68,8 @@ def _check_out(out: Path, frames_dir: Path | None) -> None:
 
 
 def compiled_form(build: Build, target: str, form: str | None, offline: bool = False) -> tuple[str, dict]:
-    """The compiled record to run: ``target``'s own form unless ``form`` is given; ``offline``: its
-    offline QNN compile."""
+    """The compiled record to run: ``target``'s own form unless ``form`` is given (a phone target's:
+    compiled on AI Hub); ``offline``: its offline QNN compile."""
     profile = resolve_target(target)
     if offline:
         require_chipset(profile)
@@ -73,11 +80,6 @@ def compiled_form(build: Build, target: str, form: str | None, offline: bool = F
         key = f"{profile.backend if profile.backend == 'ort-cpu' else profile.name}/{form or profile.form}"
         how = f"mvd-deploy compile {build.path} --target {target}"
     record = build.compiled(key, how=how)
-    if record.get("backend", "ort-cpu") not in RUNNABLE_BACKENDS:
-        raise MvdError(
-            f"--target {target}: {key} runs on AI Hub's devices; generate runs ort-cpu forms and offline "
-            "QNN forms (--offline, on the HTP emulator) here"
-        )
     missing = [name for name in COMPONENTS if name not in record["components"]]
     if missing:
         raise MvdError(
@@ -199,18 +201,20 @@ def generate_video(
     with stages.stage(f"preprocess {image} (seed {seed})"):
         inputs = make_inputs(picture, contract, seed)
     seconds: dict[str, dict[str, float]] = {}
+    backend = record.get("backend", "ort-cpu")
     with stages.stage(f"run the four components ({key})"):
-        runner = qnn_emulator_runner if record.get("backend") == "qnn-offline" else ort_runner
-        result = run_pipeline(runner(build, record, seconds), inputs, contract)
+        if backend == "qai-hub":
+            runner = QaiHubBackend().inference_runner(build, resolve_target(target), record, seconds)
+        elif backend == "qnn-offline":
+            runner = qnn_emulator_runner(build, record, seconds)
+        else:
+            runner = ort_runner(build, record, seconds)
+        result = run_pipeline(runner, inputs, contract)
     frames = to_uint8(result.frames)
     report = {
         "build": str(build.path),
         "compiled": key,
-        "runs_on": (
-            f"QNN HTP emulator for {record['chipset']['name']} on this CPU (times are the emulator's, not the phone's)"
-            if record.get("backend") == "qnn-offline"
-            else "ONNX Runtime CPU"
-        ),
+        "runs_on": RUNS_ON.get(backend, "ONNX Runtime CPU").format(**record),
         "image": str(image),
         "seed": seed,
         "frames": contract.frames,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mvd_deploy.config import ConfigSection, load_yaml
-from mvd_deploy.model.encoder_configs import SVD_IMAGE_ENCODER, SVD_VAE
+from mvd_deploy.model.encoder_configs import SVD_IMAGE_ENCODER, SVD_VAE, TAESD_DECODER
 from mvd_deploy.shipped import MODELS, resolve_yaml
 
 FUNNEL_LAYER_KINDS = ("spatial_self_attention", "temporal_self_attention")
@@ -111,14 +111,21 @@ class ModelSpec:
     # The conditioning encoders' architectures (mvd_deploy.model.encoders); None: the model has none.
     image_encoder: dict[str, Any] | None = None
     vae: dict[str, Any] | None = None
+    # The TAESD decoder's architecture (AutoencoderTiny keys) for a random-init decoder; None: TAESD's.
+    decoder: dict[str, Any] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return self.mobilevd.video.latent_shape(self.unet["in_channels"])
 
     def to_dict(self) -> dict[str, Any]:
-        encoders = {k: v for k, v in (("image_encoder", self.image_encoder), ("vae", self.vae)) if v is not None}
-        return {"name": self.name, "unet": self.unet, **encoders, "mobilevd": self.mobilevd.to_dict()}
+        parts = (("image_encoder", self.image_encoder), ("vae", self.vae), ("decoder", self.decoder))
+        return {
+            "name": self.name,
+            "unet": self.unet,
+            **{k: v for k, v in parts if v is not None},
+            "mobilevd": self.mobilevd.to_dict(),
+        }
 
 
 def _read_video(s: ConfigSection) -> Video:
@@ -234,6 +241,11 @@ def read_spec(top: ConfigSection, allow_gates: bool = True) -> ModelSpec:
     unet = read_unet_config(top.section("unet", {}))
     image_encoder = read_encoder_config(top, "image_encoder", SVD_IMAGE_ENCODER)
     vae = read_encoder_config(top, "vae", SVD_VAE)
+    decoder = read_encoder_config(top, "decoder", TAESD_DECODER)
+    if decoder is not None:
+        for key, value in decoder.items():  # TAESD's four levels make its 8x upsampling
+            ok = len(value) == 4 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+            top.check(f"decoder.{key}", ok, f"needs 4 positive integers (one per TAESD level), got {value!r}")
     mobilevd = _read_mobilevd(top.section("mobilevd"))
     if mobilevd.temporal_gates is not None and not allow_gates:
         raise top.error("mobilevd.temporal_gates", "belongs in a checkpoint; a recipe sets temporal_prune_fraction")
@@ -243,11 +255,20 @@ def read_spec(top: ConfigSection, allow_gates: bool = True) -> ModelSpec:
         )
     if image_encoder is not None:
         _check_encoders(top, unet, image_encoder, vae)
-    return ModelSpec(name=name, unet=unet, mobilevd=mobilevd, source=top.source, image_encoder=image_encoder, vae=vae)
+    return ModelSpec(
+        name=name,
+        unet=unet,
+        mobilevd=mobilevd,
+        source=top.source,
+        image_encoder=image_encoder,
+        vae=vae,
+        decoder=decoder,
+    )
 
 
 def read_encoder_config(top: ConfigSection, name: str, defaults: dict[str, Any]) -> dict[str, Any] | None:
-    """An encoder section: architecture keys over SVD's values ({} is SVD's encoder); None when absent."""
+    """An architecture section (an encoder, the decoder): its keys over ``defaults`` ({} is the released
+    model's); None when absent."""
     if name not in top.data:
         top.read.add(name)
         return None

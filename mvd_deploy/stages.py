@@ -6,7 +6,9 @@ same passes the deployment uses), not by formula.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 from dataclasses import dataclass
 
 from mvd_deploy.flops import count_model_flops
@@ -115,12 +117,28 @@ def _stages(spec: ModelSpec) -> list[_Stage]:
     return stages
 
 
+# spec (canonical JSON) → its rows: a pure function of the spec, and counting one takes seconds (each
+# stage's model runs through FlopCounterMode on the meta device), so a process exporting or inspecting
+# the same recipe again reuses it.
+_TABLES: dict[str, list[dict]] = {}
+
+
 def stage_table(spec: ModelSpec) -> list[dict]:
     """Rows {stage, id, nfe, flops, tflops, params, paper_tflops, delta_pct} for a spec with gates."""
+    key = json.dumps(spec.to_dict(), sort_keys=True, default=str)
+    if key not in _TABLES:
+        _TABLES[key] = _stage_rows(spec)
+    return copy.deepcopy(_TABLES[key])
+
+
+def _stage_rows(spec: ModelSpec) -> list[dict]:
     paper = _paper_figures(spec)
-    rows = []
+    rows, counted = [], {}  # (spec, passes) → figures: some rows differ only in NFE
     for stage in _stages(spec):
-        flops, params = _count(stage)
+        model_key = (id(stage.spec), stage.passes)
+        if model_key not in counted:
+            counted[model_key] = _count(stage)
+        flops, params = counted[model_key]
         reference = paper.get(stage.id)
         rows.append(
             {

@@ -30,6 +30,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import weakref
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -243,6 +244,8 @@ class FakeHub:
         self.output_data = True  # False: inference jobs end without an output dataset
         self.rate_limited = False
         self.storage = Path(tempfile.mkdtemp(prefix="fake-hub-"))
+        # Uploaded models are megabytes each and the suite makes hundreds of hubs: remove with the hub.
+        weakref.finalize(self, shutil.rmtree, self.storage, ignore_errors=True)
         self._job_ids = (f"jp{n:07d}" for n in itertools.count(1))  # shaped like real ids
         self._model_ids = (f"m{n:07d}" for n in itertools.count(1))
         self._dataset_ids = itertools.count(1)

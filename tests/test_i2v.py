@@ -398,6 +398,11 @@ def test_recipe_encoder_sections_are_checked(tmp_path):
         ({"vae__latent_channels": 8}, "key 'vae.latent_channels': must be half of unet.in_channels"),
         ({"vae": None}, "key 'vae': is missing (give both encoders, or neither)"),
         ({"vae__block_out_channels": [32, 32]}, "key 'vae.block_out_channels': needs 4 levels"),
+        (
+            {"decoder__decoder_block_out_channels": [16, 16]},
+            "key 'decoder.decoder_block_out_channels': needs 4 positive",
+        ),
+        ({"decoder__upsample_fn": "bilinear"}, "key 'decoder.upsample_fn': is not a decoder architecture setting"),
     ]
     data = yaml.safe_load(TINY.read_text())
     data["mobilevd"]["conditioning"]["sigma"] = 80.0

@@ -217,6 +217,19 @@ def test_taesd_decoder_from_local_directory(tmp_path, train_time_unet):
     torch.testing.assert_close(pipeline.decoder(latents)[0], expected.clamp(0, 1), rtol=1e-6, atol=1e-6)
 
 
+@torch.no_grad()
+def test_the_recipes_decoder_section_shapes_the_random_init_taesd(train_time_unet):
+    """tiny.yaml narrows TAESD (decoder_block_out_channels 16); a recipe without the section gets TAESD's 64."""
+    assert train_time_unet.spec.decoder == {"decoder_block_out_channels": [16] * 4, "num_decoder_blocks": [3, 3, 3, 1]}
+    for decoder, widths in ((train_time_unet.spec.decoder, {16, 3}), (None, {64, 3})):
+        unet = copy.deepcopy(train_time_unet)
+        unet.spec = dataclasses.replace(unet.spec, decoder=decoder)
+        pipeline = DeployPipeline(unet)
+        run_passes(pipeline, make_passes(["taesd_decoder"]))
+        assert {m.out_channels for m in pipeline.decoder.modules() if isinstance(m, torch.nn.Conv2d)} == widths
+        assert pipeline.decoder(torch.randn(1, 2, 4, 8, 16)).shape == (1, 2, 3, 64, 128)
+
+
 # -- refusals -----------------------------------------------------------------------------------------
 def test_impossible_lists_are_refused_clearly(train_time_unet):
     with pytest.raises(PassError, match="pass 'merge_funnels' is named twice"):

@@ -69,18 +69,41 @@ def build(tiny_build, tmp_path) -> Build:
     return Build(build.path)
 
 
-def test_all_four_components_compile_in_pipeline_order(tiny_build, tmp_path):
+def test_all_four_components_compile_in_pipeline_order_and_generate_on_the_device(tiny_build, tmp_path, monkeypatch):
+    import imageio.v3 as iio
+    import PIL.Image
+
+    from mvd_deploy import generate_video
+
     build = Build(shutil.copytree(tiny_build, tmp_path / "build"))
     hub = FakeHub()
-    target = _target(tmp_path, precision="float16")
+    target = _target(tmp_path, precision="float16", max_part_weights_mb=4)  # the UNet in two parts
     records = QaiHubBackend(hub).compile(build, [target], CompileOptions())
     order = ["image_encoder", "vae_encoder", "unet", "decoder"]
-    assert [c[2] for c in _calls(hub, "upload_model")] == [f"mvd-tiny-{name}" for name in order]
+    uploads = ["image_encoder", "vae_encoder", "unet.part0", "unet.part1", "decoder"]
+    assert [c[2] for c in _calls(hub, "upload_model")] == [f"mvd-tiny-{name}" for name in uploads]
     components = records["xiaomi-14-pro/float16"]["components"]
     assert list(components) == order
-    for name in order:
+    for name in ("image_encoder", "vae_encoder", "decoder"):
         [graph] = components[name]["graphs"]
         assert [i["name"] for i in graph["inputs"]] == [i["name"] for i in build.components[name]["inputs"]]
+
+    # generate from the AI Hub form: each graph an inference job on the phone, the UNet's parts chained
+    monkeypatch.setattr(hub_backend, "hub_client", lambda: hub)
+    pixels = np.random.default_rng(0).integers(0, 255, (90, 160, 3), dtype=np.uint8)
+    PIL.Image.fromarray(pixels).save(tmp_path / "in.png")
+    report = generate_video(
+        build.path, image=tmp_path / "in.png", out=tmp_path / "v.mp4", target=target.source, reference=True
+    )
+    assert report["compiled"] == "xiaomi-14-pro/float16" and "on Qualcomm AI Hub" in report["runs_on"]
+    jobs = [c for c in _calls(hub, "submit_inference_job") if c[1].startswith("mvd-generate-")]
+    assert [c[1] for c in jobs] == [f"mvd-generate-{name}" for name in uploads]
+    assert all(c[5] is False for c in jobs)  # no profiling: generate wants outputs
+    assert list(report["seconds"]) == order
+    frames = np.asarray(iio.imread(tmp_path / "v.mp4", index=None))
+    assert frames.shape[0] == build.manifest["pipeline"]["frames"]
+    # float16 I/O and the double's 1e-3 output noise: close to the PyTorch video, far from noise
+    assert report["reference"]["psnr_db"] > 30
 
 
 def _target(tmp_path, name="xiaomi-14-pro", **keys):

@@ -7,7 +7,9 @@ the tiny decoder and on a micro build (a few nodes, in two parts) written here.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -29,7 +31,7 @@ from mvd_deploy.cli import main
 from mvd_deploy.device_profiles import load_device_profile, resolve_target
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.metrics import psnr_db
-from mvd_deploy.onnx_tools import run_onnx
+from mvd_deploy.onnx_tools import augment_for_min_max, linear_time_quantizer, norms_sharing_parameters, run_onnx
 from mvd_deploy.pull import pull_build
 
 SOCS = {"xiaomi-14-pro": ("SM8650", 57, 75), "snapdragon-8-elite": ("SM8750", 69, 79)}
@@ -67,10 +69,10 @@ def _save(path: Path, nodes, inputs, outputs, initializers) -> None:
     onnx.save(model, str(path))
 
 
-def micro_build(path: Path, inject_rank6: bool = False) -> Build:
+def micro_build(path: Path, inject_rank6: str | None = None) -> Build:
     """sample (1,2,4,4,4) and an image embedding (1,1,8) → model_output (1,2,2,4,4): a 3×3 conv over the
     frames, plus a projection of the embedding, then a 1×1 conv. Part 0 ends at ``h``; part 1 does the
-    rest. ``inject_rank6`` takes ``h`` through a rank-6 reshape in part 1."""
+    rest. ``inject_rank6`` ("part0" or "part1") takes ``h`` through a rank-6 reshape in that part."""
     rng = np.random.default_rng(0)
     path.mkdir()
     weights = {
@@ -87,6 +89,14 @@ def micro_build(path: Path, inject_rank6: bool = False) -> Build:
     init = {name: numpy_helper.from_array(value, name) for name, value in weights.items()}
     sample, ehs = _value("sample", [1, 2, 4, 4, 4]), _value("encoder_hidden_states", [1, 1, 8])
     h, out = _value("h", [2, 4, 4, 4]), _value("model_output", [1, 2, 2, 4, 4])
+
+    def rank6(source: str, result: str) -> list:  # as the UNet's temporal multiscaling was: the HTP has no rank 6
+        return [
+            helper.make_node("Reshape", [source, "rank6"], ["h6"], name="inject_to_rank6"),
+            helper.make_node("Mul", ["h6", "one"], ["h6s"], name="inject_scale_rank6"),
+            helper.make_node("Reshape", ["h6s", "frames"], [result], name="inject_back_to_rank4"),
+        ]
+
     part0 = [
         helper.make_node("Reshape", ["sample", "frames"], ["x"], name="to_frames"),
         helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv_in", pads=[1, 1, 1, 1]),
@@ -98,15 +108,13 @@ def micro_build(path: Path, inject_rank6: bool = False) -> Build:
         helper.make_node("Conv", ["hc", "w2"], ["y"], name="conv_out"),
         helper.make_node("Reshape", ["y", "video"], ["model_output"], name="to_video"),
     ]
-    if inject_rank6:  # as the UNet's temporal multiscaling was: the HTP has no rank-6 tensors
-        part1[2:3] = [
-            helper.make_node("Reshape", ["h", "rank6"], ["h6"], name="inject_to_rank6"),
-            helper.make_node("Mul", ["h6", "one"], ["h6s"], name="inject_scale_rank6"),
-            helper.make_node("Reshape", ["h6s", "frames"], ["h4"], name="inject_back_to_rank4"),
-            helper.make_node("Add", ["h4", "c4"], ["hc"], name="add_embedding"),
-        ]
     names0, names1 = ["frames", "w1", "b1"], ["wc", "per_channel", "w2", "video"]
-    if inject_rank6:
+    if inject_rank6 == "part0":
+        part0[1] = helper.make_node("Conv", ["x", "w1", "b1"], ["h_in"], name="conv_in", pads=[1, 1, 1, 1])
+        part0 += rank6("h_in", "h")
+        names0 += ["rank6", "one"]
+    elif inject_rank6 == "part1":
+        part1[2:3] = [*rank6("h", "h4"), helper.make_node("Add", ["h4", "c4"], ["hc"], name="add_embedding")]
         names1 += ["rank6", "one", "frames"]
     _save(path / "unet.onnx", part0 + part1, [sample, ehs], [out], [init[n] for n in dict.fromkeys(names0 + names1)])
     _save(path / "unet.part0.onnx", part0, [sample], [h], [init[n] for n in names0])
@@ -288,21 +296,15 @@ def test_generate_runs_the_offline_contexts_on_the_emulator(tiny_offline, tmp_pa
     assert report["reference"]["psnr_db"] > 15
 
 
-def test_generate_refuses_an_ai_hub_form(micro):
-    """AI Hub's compiled forms run on AI Hub's phones: generate says so instead of running them here."""
-    from mvd_deploy.generate import compiled_form
-
-    micro.manifest.setdefault("compiled", {})["xiaomi-14-pro/w8a16"] = {"backend": "qai-hub", "components": {}}
-    micro.save_manifest()
-    with pytest.raises(MvdError, match=r"xiaomi-14-pro/w8a16 runs on AI Hub's devices; .* \(--offline"):
-        compiled_form(Build(micro.path), "xiaomi-14-pro", None)
-
-
 # -- the micro build: emulated checks, parts, refusals -------------------------------------------------------
 @pytest.mark.parametrize("form,floor", [("w8a16", 20.0), ("float16", 40.0)])
-def test_parts_chained_on_the_emulator_match_the_whole_export(micro, tmp_path, form, floor):
+def test_parts_chained_on_the_emulator_match_the_whole_export(micro, tmp_path, form, floor, caplog):
     profile = load_device_profile(micro_profile(tmp_path))
-    records = QnnOfflineBackend().compile(micro, [profile], CompileOptions(form=form))
+    with caplog.at_level(logging.INFO, logger="mvd_deploy"):
+        records = QnnOfflineBackend().compile(micro, [profile], CompileOptions(form=form))
+    # w8a16: part 0 compiles in another process while part 1 calibrates; float16 has no calibration
+    background = "unet.part0: QNN HTP compile for SM8650 (v75): started in the background"
+    assert (background in caplog.text) == (form == "w8a16")
     component = records[f"xiaomi-14-pro/{form}-offline"]["components"]["unet"]
     assert [g["name"] for g in component["graphs"]] == ["unet.part0", "unet.part1"]
     assert [g["inputs"][0]["name"] for g in component["graphs"]] == ["sample", "h"]
@@ -324,16 +326,17 @@ def test_an_emulated_psnr_below_the_threshold_refuses_and_writes_nothing(micro, 
     assert (micro.path / "build.json").read_text() == manifest_before
 
 
-def test_an_unsupported_node_is_named_with_its_op_type(tmp_path):
-    build = micro_build(tmp_path / "micro", inject_rank6=True)
+@pytest.mark.parametrize("form,part", [("float16", "part1"), ("w8a16", "part0")])  # w8a16 part0: in the background
+def test_an_unsupported_node_is_named_with_its_op_type(tmp_path, form, part):
+    build = micro_build(tmp_path / "micro", inject_rank6=part)
     profile = load_device_profile(micro_profile(tmp_path))
     with pytest.raises(ValidationFailed) as err:
-        QnnOfflineBackend().compile(build, [profile], CompileOptions(form="float16"))
+        QnnOfflineBackend().compile(build, [profile], CompileOptions(form=form))
     message = str(err.value)
-    assert message.startswith("unet.part1 (xiaomi-14-pro float16-offline): ") and "\n" not in message
+    assert message.startswith(f"unet.{part} (xiaomi-14-pro {form}-offline): ") and "\n" not in message
     assert "inject_to_rank6 (Reshape)" in message and "inject_scale_rank6 (Mul)" in message
     assert err.value.exit_code == 1
-    assert not (build.path / "compiled").exists()
+    assert not (build.path / "compiled").exists() and not (build.path / ".staging").exists()
 
 
 def test_size_limits_refuse_before_and_after_compiling(micro, tmp_path):
@@ -432,3 +435,61 @@ def test_bounded_calibration_gives_ort_calibrators_ranges(micro, tmp_path):
     for name, tensor in expected.data.items():
         assert np.array_equal(ours.data[name].range_value, tensor.range_value), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aug.onnx", "micro", "ranges.json"]  # nothing else left
+
+    # the linear-time augmentation adds what ORT's augment_graph adds: nodes, and outputs in order
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+
+    graphs = []
+    for augment in (MinMaxCalibrater.augment_graph, augment_for_min_max):
+        calibrator = MinMaxCalibrater(source, config.op_types_to_quantize, str(tmp_path / "augmented.onnx"))
+        augment(calibrator)
+        graphs.append(onnx.load(str(tmp_path / "augmented.onnx")).graph)
+    theirs_graph, ours_graph = graphs
+    assert [o.name for o in ours_graph.output] == [o.name for o in theirs_graph.output]
+    assert len(ours_graph.output) > 12
+
+    def node_set(graph):  # the Reshape's shape initializer has a random (uuid) name
+        return sorted((n.op_type, n.name, n.input[0], tuple(n.output)) for n in graph.node)
+
+    assert node_set(ours_graph) == node_set(theirs_graph)
+
+
+def test_the_linear_time_quantizer_writes_what_ort_writes(tiny_build, tmp_path):
+    """quantize_static on the tiny VAE encoder (int8 QDQ, ORT's own calibrator; residual tensors with
+    several consumers) with linear_time_quantizer and without: the same graph, node for node, and the
+    same initializers."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    from mvd_deploy.backends.inputs import pipeline_inputs
+
+    samples = pipeline_inputs(Build(tiny_build), "vae_encoder", 2, seed=7)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.samples = iter(samples)
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    models = []
+    for name, patch in (("ort", contextlib.nullcontext), ("linear", linear_time_quantizer)):
+        out = tmp_path / f"{name}.onnx"
+        with patch():
+            source = tiny_build / "vae_encoder.onnx"
+            exclude = norms_sharing_parameters(source)  # as ort-cpu's static int8 does
+            quantize_static(source, out, Reader(), use_external_data_format=True, nodes_to_exclude=exclude)
+        models.append(onnx.load(str(out)))
+    ort_model, linear = models
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    originals = MinMaxCalibrater.augment_graph, ONNXModel.replace_input_of_all_nodes
+    with linear_time_quantizer():  # what the quantizer calls is replaced for the call, and restored after
+        assert MinMaxCalibrater.augment_graph is not originals[0]
+        assert ONNXModel.replace_input_of_all_nodes is not originals[1]
+    assert (MinMaxCalibrater.augment_graph, ONNXModel.replace_input_of_all_nodes) == originals
+    assert len(linear.graph.node) > 300 and any(n.op_type == "QuantizeLinear" for n in linear.graph.node)
+    assert [n.SerializeToString() for n in linear.graph.node] == [n.SerializeToString() for n in ort_model.graph.node]
+    assert sorted(t.SerializeToString() for t in linear.graph.initializer) == sorted(
+        t.SerializeToString() for t in ort_model.graph.initializer
+    )

@@ -34,7 +34,7 @@ from mvd_deploy.backends.inputs import VALIDATION_SEED, pipeline_inputs
 from mvd_deploy.build import Build
 from mvd_deploy.errors import MvdError
 from mvd_deploy.metrics import compare, conditioning_sensitivity, require_psnr
-from mvd_deploy.onnx_tools import norms_sharing_parameters, ort_session, quiet_ort_quantizer
+from mvd_deploy.onnx_tools import linear_time_quantizer, norms_sharing_parameters, ort_session, quiet_ort_quantizer
 from mvd_deploy.progress import Stages
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def _quantize(build: Build, name: str, form: str, source: Path, out: Path, optio
         def get_next(self):
             return next(self.samples, None)
 
-    with quiet_ort_quantizer():
+    with quiet_ort_quantizer(), linear_time_quantizer():
         quantize_static(
             source,
             out,

@@ -30,6 +30,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -603,6 +604,51 @@ class QaiHubBackend(Backend):
                     profiles.append(finish_profile(profile))
         build.save_manifest()
         return profiles
+
+    # -- generate --------------------------------------------------------------------------------
+    def inference_runner(self, build: Build, target, record: dict, seconds: dict[str, dict[str, float]]):
+        """Run a component as inference jobs on the record's device: its compiled graphs in order, each
+        fed the inputs and the earlier graphs' outputs (the device's outputs taken by position: compiled
+        outputs may be renamed). ``seconds``: each component's round trip (upload, queue, run, download),
+        not its latency on the phone (``profile`` measures that)."""
+        hub = self._hub()
+        key = f"{target.name}/{record['form']}"
+
+        def run(name: str, feeds: dict):
+            import torch
+
+            compiled = record["components"][name]
+            graphs = self._compiled_graphs(build, key, name, compiled)
+            available = {k: v.numpy().astype(np.float32) for k, v in feeds.items()}
+            start = time.perf_counter()
+            with hub_session(hub, build.path):
+                device = hub.Device(record["device"]["name"], record["device"]["os"])
+                for graph, entry in zip(graphs, compiled["graphs"], strict=True):
+                    where = f"{key} {graph.name}"
+                    inputs = _as_compiled({i["name"]: [available[i["name"]]] for i in graph.inputs}, entry, where)
+                    job = hub.submit_inference_job(
+                        hub.get_job(entry["compile_job"]).get_target_model(),
+                        device,
+                        inputs=inputs,
+                        name=f"mvd-generate-{graph.name}",
+                        options=inference_options(target, record, entry, 1),
+                        profile=False,
+                    )
+                    outputs = self._wait(job, "inference", where).download_output_data()
+                    if outputs is None:
+                        raise HubError(f"{where}: inference job {job.job_id} returned no output data ({job.url})")
+                    names = [o["name"] for o in graph.outputs]
+                    if len(outputs) != len(names):
+                        raise HubError(
+                            f"{where}: inference job {job.job_id} returned {len(outputs)} outputs, not {len(names)}"
+                        )
+                    shapes = {o["name"]: o["shape"] for o in graph.outputs}
+                    for output, samples in zip(names, outputs.values(), strict=True):
+                        available[output] = np.asarray(samples[0], np.float32).reshape(shapes[output])
+            seconds[name] = {"load": 0.0, "run": time.perf_counter() - start}
+            return torch.from_numpy(available[build.components[name]["outputs"][0]["name"]])
+
+        return run
 
     @staticmethod
     def _compiled_graphs(build: Build, key: str, component: str, compiled: dict) -> list[Graph]:

@@ -44,7 +44,14 @@ from mvd_deploy.build import Build
 from mvd_deploy.device_profiles import HUB_PRECISIONS
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.metrics import compare, conditioning_sensitivity, require_psnr
-from mvd_deploy.onnx_tools import describe_io, ort_session, quiet_ort_quantizer, unshare_norm_parameters
+from mvd_deploy.onnx_tools import (
+    augment_for_min_max,
+    describe_io,
+    linear_time_quantizer,
+    ort_session,
+    quiet_ort_quantizer,
+    unshare_norm_parameters,
+)
 from mvd_deploy.parts import graph_feeds, split_for_targets
 from mvd_deploy.progress import Stages, progress_bar
 
@@ -213,6 +220,56 @@ def compile_graph(source: Path, out: Path, chipset, where: str) -> None:
     raise ValidationFailed(f"{where}: the QNN HTP compile for {chipset.name} failed: {_first_line(error)}")
 
 
+def _compile_and_send(send, source: Path, out: Path, chipset, where: str) -> None:
+    """A spawned process's work: one ``compile_graph``; sends (seconds, None) or (None, the MvdError)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops this one
+    start = time.perf_counter()
+    try:
+        compile_graph(source, out, chipset, where)
+        send.send((round(time.perf_counter() - start, 1), None))
+    except MvdError as error:
+        send.send((None, error))
+
+
+class BackgroundCompile:
+    """``compile_graph`` in a spawned process: the QNN HTP compiler works on one core, so on a
+    2-core machine the next graph's calibration runs meanwhile. ``result()`` waits and returns the
+    compile's own seconds (or raises its error); ``cancel()`` stops it (an interrupted compile)."""
+
+    def __init__(self, source: Path, out: Path, chipset, where: str):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # not fork: the parent holds ORT sessions and threads
+        self.where = where
+        self._receive, send = context.Pipe(duplex=False)
+        self._process = context.Process(target=_compile_and_send, args=(send, source, out, chipset, where), daemon=True)
+        self._process.start()
+        send.close()
+
+    def result(self) -> float:
+        try:
+            seconds, error = self._receive.recv()
+        except EOFError:  # the process died without a word: killed (out of memory) or crashed
+            self._process.join()
+            raise ValidationFailed(
+                f"{self.where}: the QNN HTP compile process ended with exit code {self._process.exitcode} "
+                "before finishing (out of memory?)"
+            ) from None
+        finally:
+            self._receive.close()
+        self._process.join()
+        if error is not None:
+            raise error
+        return seconds
+
+    def cancel(self) -> None:
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join()
+
+
 def read_compiled(path: Path, chipset, where: str) -> dict:
     """The EPContext model's context binary, I/O contract and QNN compatibility info, checked to be
     one QNN context for ``chipset`` (the provider options took effect)."""
@@ -306,7 +363,7 @@ def quantize_w8a16(source: Path, out: Path, reader, work: Path) -> None:
             str(source), reader, activation_type=QuantType.QUInt16, weight_type=QuantType.QUInt8
         )
         cache = calibrate_min_max(source, reader, work / f"{out.stem}.ranges.json", config=config)
-        with native_output(), quiet_ort_quantizer():
+        with native_output(), quiet_ort_quantizer(), linear_time_quantizer():
             quantize_static(
                 str(source),
                 str(out),
@@ -353,7 +410,7 @@ def calibrate_min_max(source: Path, reader, cache: Path, *, config) -> Path:
             symmetric=extra.get("CalibTensorRangeSymmetric", False),
             use_external_data_format=True,
         )
-        calibrator.augment_graph()
+        augment_for_min_max(calibrator)
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT does
         options.execution_order = onnxruntime.ExecutionOrder.PRIORITY_BASED
@@ -540,14 +597,28 @@ class QnnOfflineBackend(Backend):
                     for entry in record["components"].values():
                         for graph in entry["graphs"]:
                             _check_context_size(graph, target)
-            else:
+                return record
+            # A graph's HTP compile runs in the background where another graph calibrates before the
+            # compile is needed (by its component's emulated check, or at the end).
+            order = [(c, g) for c, gs in graphs.items() for g in gs]
+            calibrated = [
+                i for i, (_, g) in enumerate(order) if precision == "w8a16" and not _qdq_path(work, g, target).exists()
+            ]
+            needed = {
+                c: max(i for i, (d, _) in enumerate(order) if d == c) if emulate[c] else len(order) for c in graphs
+            }
+            background = {g.name for i, (c, g) in enumerate(order) if any(i < j <= needed[c] for j in calibrated)}
+            compiles = _CompileQueue(stages, chipset, staged, background)
+            try:
                 for component in build.components:
-                    record["components"][component] = self._compile_component(
-                        build, component, graphs[component], target, precision, staged, work, stages
+                    entries = record["components"].setdefault(component, {"graphs": []})["graphs"]
+                    self._compile_component(
+                        build, component, graphs[component], target, precision, work, compiles, entries
                     )
                     if emulate[component]:
+                        compiles.finish()  # the check runs the component's contexts
                         with stages.stage(f"{component}: emulated check on the HTP emulator"):
-                            compiled = [staged / g["file"] for g in record["components"][component]["graphs"]]
+                            compiled = [staged / g["file"] for g in entries]
                             check = emulated_check(build, component, precision, compiled, chipset, threshold)
                         require_psnr(
                             check,
@@ -563,11 +634,15 @@ class QnnOfflineBackend(Backend):
                             f"not run (estimated {estimate:.0f} s on the HTP emulator); "
                             "run it with --emulate (compile or profile)"
                         )
+                compiles.finish()
+            finally:
+                compiles.cancel()
         return record
 
-    def _compile_component(self, build, component, graphs, target, precision, staged, work, stages) -> dict:
+    def _compile_component(self, build, component, graphs, target, precision, work, compiles, entries) -> None:
+        """Each graph of ``component``: its w8a16 QDQ model made here, its HTP compile queued on
+        ``compiles``; each graph's record lands in ``entries`` when its compile finishes."""
         chipset = target.chipset
-        entries = []
         weights = htp.check_fits(graphs, precision, target.context_limit_mb, f"{target.name} ({target.source})")
         samples, sessions = [], {}  # the exported parts before each part, opened once for all samples
         for index, graph in enumerate(graphs):
@@ -576,7 +651,7 @@ class QnnOfflineBackend(Backend):
                 source = _qdq_path(work, graph, target)
                 if not source.exists():  # another target of this compile may have made it
                     n = target.calibration_samples
-                    with stages.stage(f"{graph.name}: w8a16 QDQ, {n} calibration samples"):
+                    with compiles.stages.stage(f"{graph.name}: w8a16 QDQ, {n} calibration samples"):
                         start = time.perf_counter()
                         samples = samples or pipeline_inputs(build, component, n, seed=CALIBRATION_SEED)
                         reader = _calibration_reader(
@@ -584,31 +659,29 @@ class QnnOfflineBackend(Backend):
                         )
                         quantize_w8a16(graph.onnx, source, reader, work)
                         quantize_s = round(time.perf_counter() - start, 1)
-            out = staged / f"{graph.name}.onnx"
+            out = compiles.staged / f"{graph.name}.onnx"
             where = f"{graph.name} ({target.name} {offline_form(precision)})"
-            with stages.stage(f"{graph.name}: QNN HTP compile for {chipset.name} (v{chipset.htp_arch})"):
-                start = time.perf_counter()
-                compile_graph(source, out, chipset, where)
-                seconds = time.perf_counter() - start
-            compiled = read_compiled(out, chipset, where)
-            context = staged / compiled["context_binary"]
-            entry = {
-                "name": graph.name,
-                "file": out.name,
-                "context_binary": compiled["context_binary"],
-                "context_bytes": context.stat().st_size,
-                "inputs": compiled["inputs"],
-                "outputs": compiled["outputs"],
-                "weight_bytes": weights[graph.name],
-                "nodes": _node_count(source),
-                "ep_compatibility_info": compiled["compatibility"],
-                "quantize_s": quantize_s,  # calibration + QDQ; None where another target of the call made it
-                "compile_s": round(seconds, 1),
-            }
-            _check_context_size(entry, target)
-            entries.append(entry)
+
+            def finish(seconds, graph=graph, source=source, out=out, where=where, quantize_s=quantize_s):
+                compiled = read_compiled(out, chipset, where)
+                entry = {
+                    "name": graph.name,
+                    "file": out.name,
+                    "context_binary": compiled["context_binary"],
+                    "context_bytes": (out.parent / compiled["context_binary"]).stat().st_size,
+                    "inputs": compiled["inputs"],
+                    "outputs": compiled["outputs"],
+                    "weight_bytes": weights[graph.name],
+                    "nodes": _node_count(source),
+                    "ep_compatibility_info": compiled["compatibility"],
+                    "quantize_s": quantize_s,  # calibration + QDQ; None where another target of the call made it
+                    "compile_s": seconds,
+                }
+                _check_context_size(entry, target)
+                entries.append(entry)
+
+            compiles.submit(graph.name, source, out, where, finish)
         sessions.clear()
-        return {"graphs": entries}
 
     # -- profile ---------------------------------------------------------------------------------------
     def profile(
@@ -660,6 +733,47 @@ class QnnOfflineBackend(Backend):
                 }
             profiles.append(finish_profile(profile))
         return profiles
+
+
+class _CompileQueue:
+    """One target's HTP compiles into ``staged``, in order, at most one in the background at a time
+    (two full-size compiles side by side would not fit in 24 GB next to a calibration): the graphs
+    named in ``background``, whose compile is not needed before another graph calibrates."""
+
+    def __init__(self, stages: Stages, chipset, staged: Path, background: set[str]):
+        self.stages, self.chipset, self.staged, self.background = stages, chipset, staged, background
+        self.running = None
+
+    def _label(self, name: str) -> str:
+        return f"{name}: QNN HTP compile for {self.chipset.name} (v{self.chipset.htp_arch})"
+
+    def submit(self, name: str, source: Path, out: Path, where: str, finish) -> None:
+        """Compile ``source`` → ``out``; ``finish(seconds)`` when done (now, or from ``finish()``)."""
+        self.finish()
+        if name in self.background:
+            logger.info("      %s: started in the background", self._label(name))
+            self.running = (name, BackgroundCompile(source, out, self.chipset, where), finish)
+            return
+        with self.stages.stage(self._label(name)):
+            start = time.perf_counter()
+            compile_graph(source, out, self.chipset, where)
+            seconds = round(time.perf_counter() - start, 1)
+        finish(seconds)
+
+    def finish(self) -> None:
+        """Wait for the background compile, if any, and finish it."""
+        if self.running is None:
+            return
+        name, compile, finish = self.running
+        self.running = None
+        with self.stages.stage(f"{self._label(name)}, in the background"):
+            seconds = compile.result()
+        finish(seconds)
+
+    def cancel(self) -> None:
+        if self.running is not None:
+            self.running[1].cancel()
+            self.running = None
 
 
 def _qdq_path(work: Path, graph, target) -> Path:

@@ -1,4 +1,6 @@
-"""SVD's conditioning encoders' architectures and CLIP's normalisation (no heavy imports: recipes read them)."""
+"""SVD's conditioning encoders', TAESD's decoder's architectures and CLIP's normalisation.
+
+No heavy imports: recipes read them."""
 
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ SVD_VAE: dict[str, Any] = {
     "scaling_factor": 0.18215,
     "force_upcast": True,
 }
+# madebyollin/taesd (diffusers' AutoencoderTiny defaults): the deployed decoder's architecture, which a
+# recipe's ``decoder`` section may narrow (the tiny recipe: the suite decodes every video it makes).
+TAESD_DECODER: dict[str, Any] = {"decoder_block_out_channels": [64, 64, 64, 64], "num_decoder_blocks": [3, 3, 3, 1]}
 # feature_extractor/preprocessor_config.json: OpenAI CLIP's normalisation.
 CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -1,7 +1,8 @@
 """taesd_decoder: attach TAESD as the deployed decoder (replaces SVD's VAE decoder; not an exact pass).
 
 From a local diffusers AutoencoderTiny directory (config.json + diffusion_pytorch_model.safetensors,
-read through safetensors only), or random init from a seed when none is given.
+read through safetensors only; its config is the architecture), or random init from a seed when none
+is given, with TAESD's architecture or the one the recipe's ``decoder`` section sets.
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ class TAESDDecoderPass(Pass):
             return ""
         directory = self.options.taesd_dir
         device = pipeline.unet.conv_in.weight.device
+        architecture = pipeline.unet.spec.decoder or {}
         if directory is not None:
             autoencoder, source = load_autoencoder_tiny(Path(directory)), f"from {directory}"
         elif device.type == "meta":
             with torch.device("meta"):
-                autoencoder, source = AutoencoderTiny(), "shape only"
+                autoencoder, source = AutoencoderTiny(**architecture), "shape only"
         else:
             torch.manual_seed(self.options.decoder_seed)
-            autoencoder, source = AutoencoderTiny(), f"random init, seed {self.options.decoder_seed}"
+            autoencoder, source = AutoencoderTiny(**architecture), f"random init, seed {self.options.decoder_seed}"
         pipeline.decoder = TAESDDecoder(autoencoder.decoder.to(device)).eval()
         return f"attached the TAESD decoder ({source})"
