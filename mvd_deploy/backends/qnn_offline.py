@@ -737,8 +737,9 @@ class QnnOfflineBackend(Backend):
 
 class _CompileQueue:
     """One target's HTP compiles into ``staged``, in order, at most one in the background at a time
-    (two full-size compiles side by side would not fit in 24 GB next to a calibration): the graphs
-    named in ``background``, whose compile is not needed before another graph calibrates."""
+    (full size: a compile process held up to ~5 GB beside a ~10 GB calibration; two compiles and the
+    single core each uses would gain little on 2 cores and near 24 GB): the graphs named in
+    ``background``, whose compile is not needed before another graph calibrates."""
 
     def __init__(self, stages: Stages, chipset, staged: Path, background: set[str]):
         self.stages, self.chipset, self.staged, self.background = stages, chipset, staged, background
