@@ -75,7 +75,7 @@ def augment_for_min_max(calibrator) -> None:
     from onnx import helper, numpy_helper
 
     if calibrator.per_channel:
-        raise ValueError("per-channel calibration is not what the w8a16 recipe uses")
+        raise ValueError("augment_for_min_max: per-tensor ranges only (per_channel: ORT's augment_graph)")
     model = calibrator.model
     tensors, value_infos = calibrator.select_tensors_to_calibrate(model)
     shape = str(uuid.uuid4())

@@ -239,9 +239,9 @@ def read_spec(top: ConfigSection, allow_gates: bool = True) -> ModelSpec:
     name = top.get("name", str)
     top.get("description", str, "")
     unet = read_unet_config(top.section("unet", {}))
-    image_encoder = read_encoder_config(top, "image_encoder", SVD_IMAGE_ENCODER)
-    vae = read_encoder_config(top, "vae", SVD_VAE)
-    decoder = read_encoder_config(top, "decoder", TAESD_DECODER)
+    image_encoder = read_architecture(top, "image_encoder", SVD_IMAGE_ENCODER)
+    vae = read_architecture(top, "vae", SVD_VAE)
+    decoder = read_architecture(top, "decoder", TAESD_DECODER)
     if decoder is not None:
         for key, value in decoder.items():  # TAESD's four levels make its 8x upsampling
             ok = len(value) == 4 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
@@ -266,7 +266,7 @@ def read_spec(top: ConfigSection, allow_gates: bool = True) -> ModelSpec:
     )
 
 
-def read_encoder_config(top: ConfigSection, name: str, defaults: dict[str, Any]) -> dict[str, Any] | None:
+def read_architecture(top: ConfigSection, name: str, defaults: dict[str, Any]) -> dict[str, Any] | None:
     """An architecture section (an encoder, the decoder): its keys over ``defaults`` ({} is the released
     model's); None when absent."""
     if name not in top.data:
