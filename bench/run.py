@@ -16,6 +16,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CLI = [sys.executable, "-m", "mvd_deploy"]
@@ -128,6 +131,7 @@ def measure_chain() -> dict:
             )
             for form in ("fp32", "int8-dynamic")
         }
+        generate = measure_generate(build, work, forms=("fp32", "int8-dynamic"))
         eager = run_python(["bench/eager.py", str(ckpt), "3"])
         # The phone path offline (Snapdragon 8 Gen 3 NPU, QNN HTP): every graph in w8a16, as a user runs it
         # (fewer calibration samples than the profile's 100: each costs a forward of every UNet part).
@@ -144,6 +148,7 @@ def measure_chain() -> dict:
             "compile": compile_,
             "profiles": profiles,
             "eager": eager,
+            "generate": generate,
             "npu": npu,
             "manifest": manifest,
         }
@@ -152,6 +157,39 @@ def measure_chain() -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return raw
+
+
+def measure_generate(build: Path, work: Path, *, forms: tuple[str, ...]) -> dict[str, dict]:
+    """Image → video from the build's ort-cpu forms, each with ``--reference`` (the PyTorch model)."""
+    image = work / "input.png"
+    y, x = np.mgrid[0:576, 0:1024] / 1024  # a smooth colour pattern at SVD's 1024x576
+    pattern = np.stack([np.sin(6 * x + p) * np.cos(4 * y - p) for p in (0, 1, 2)], -1) * 100 + 128
+    PIL.Image.fromarray(pattern.astype(np.uint8)).save(image)
+    runs = {}
+    for form in forms:
+        args = ["generate", str(build), "--image", str(image), "--out", str(work / f"video-{form}.mp4")]
+        runs[form] = measure(args + ["--target", "ort-cpu", "--form", form, "--reference", "--json"])
+    return runs
+
+
+def summarize_generate(generate: dict[str, dict]) -> list[dict]:
+    rows = []
+    for form, run in generate.items():
+        report = json.loads(run["stdout"])
+        rows.append(
+            {
+                "case": f"generate ort-cpu {form} ({report['frames']} frames {report['size'][0]}x{report['size'][1]})",
+                "seconds": report["seconds"],
+                "total_s": report["total_seconds"],
+                "total_with_load_s": report["total_with_load_seconds"],
+                "peak_rss_gb": round(report["peak_rss_mb"] / 1e3, 2),
+                "video_psnr_db_vs_pytorch": report["reference"]["psnr_db"],
+                "latents_rel_error": round(report["reference"]["latents_rel_error"], 5),
+                "pytorch_reference_s": report["reference"]["seconds"],
+                "process_wall_s": run["wall_s"],
+            }
+        )
+    return rows
 
 
 def summarize_chain(raw: dict) -> list[dict]:
@@ -224,6 +262,8 @@ def summarize_chain(raw: dict) -> list[dict]:
                 "nodes": f"{c['nodes']['exported']} -> {c['nodes']['simplified']} (onnxsim)",
             }
         )
+    if "generate" in raw:
+        rows += summarize_generate(raw["generate"])
     if "npu" in raw:
         rows += summarize_npu(raw["npu"])
     decoder = profiles["fp32"]["components"].get("decoder")

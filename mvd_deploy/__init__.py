@@ -10,7 +10,7 @@ printing over it::
 
 Names are loaded on first use (module ``__getattr__``, PEP 562): ``import mvd_deploy`` stays cheap
 (no torch, diffusers or ONNX Runtime), which the CLI's ``--help`` and the profiling worker process
-(``python -m mvd_deploy.backends.ort_worker``, whose peak memory is measured) rely on.
+(``python -m mvd_deploy.ort_worker``, whose peak memory is measured) rely on.
 """
 
 from __future__ import annotations

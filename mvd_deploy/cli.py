@@ -422,7 +422,13 @@ def _format_profile(p: dict) -> str:
                 lines.append(f"      {op['op_type']:<24} {op['cycles']:>13,} cycles {share}  {op['name']}")
                 continue
             share = f"{100 * op['share']:5.1f}%" if op["share"] is not None else "    -"
-            lines.append(f"      {op['op_type']:<24} {op['ms']:10.2f} ms {share}  {op['name']}")
+            where = f"{op['module'] or '-'}  [{op['name']}]" if "module" in op else op["name"]
+            lines.append(f"      {op['op_type']:<24} {op['ms']:10.2f} ms {share}  {where}")
+        if c.get("cost"):
+            blocks = ", ".join(f"{b['block']} {100 * b['share']:.1f}%" for b in c["cost"]["by_block"][:6])
+            types = ", ".join(f"{t['op_type']} {100 * t['share']:.1f}%" for t in c["cost"]["by_op_type"][:6])
+            lines.append(f"      by block: {blocks}")
+            lines.append(f"      by op type: {types}")
     lines.append(f"  total p50 {p['total_latency_ms']:.1f} ms")
     return "\n".join(lines)
 

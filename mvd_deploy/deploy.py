@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,10 @@ def deploy_checkpoint(
     deploy_passes = _make_passes(info, passes, keep_conditioning_inputs, options, recipe)
     pipeline = DeployPipeline(unet, **encoders)
     with stages.stage(f"run {len(deploy_passes)} deploy passes" + (" (each exact one checked)" if check else "")):
-        results = run_passes(pipeline, deploy_passes, check=check, tolerance=tolerance)
+        # The layers are a function of the spec (gates, funnels, encoders and decoder sections);
+        # a TAESD directory brings its own config, so that deployment counts every time.
+        origin = None if taesd_dir else json.dumps(info.spec.to_dict(), sort_keys=True, default=str)
+        results = run_passes(pipeline, deploy_passes, check=check, tolerance=tolerance, origin=origin)
     return Deployment(pipeline=pipeline, passes=results, checkpoint=info)
 
 

@@ -83,9 +83,12 @@ def latency_summary(times_ms: Iterable[float]) -> dict[str, float]:
     }
 
 
-def top_ops(ops: Iterable[tuple[str, str, float]], total_ms: float, limit: int = TOP_OPS) -> list[dict]:
+def top_ops(
+    ops: Iterable[tuple[str, str, float]], total_ms: float, limit: int = TOP_OPS, modules: dict[str, str] | None = None
+) -> list[dict]:
     """The slowest of ``ops`` ((name, op type, ms) in one call) as {name, op_type, ms, share of
-    ``total_ms``}; equal times keep their order."""
+    ``total_ms``}; equal times keep their order. With ``modules`` (exported node name → module path,
+    onnx_tools.module_paths) each also names the ``module`` that made it (None: not attributable)."""
     ranked = sorted(ops, key=lambda op: -op[2])[:limit]
     return [
         {
@@ -94,5 +97,49 @@ def top_ops(ops: Iterable[tuple[str, str, float]], total_ms: float, limit: int =
             "ms": round(ms, 3),
             "share": round(ms / total_ms, 4) if total_ms else None,
         }
+        | ({"module": module_of(name, modules)} if modules is not None else {})
         for name, op_type, ms in ranked
     ]
+
+
+UNATTRIBUTED = "(unattributed)"
+
+
+def module_of(node: str, modules: dict[str, str]) -> str | None:
+    """The module that made a compiled node, from the exported graph's ``modules`` (node → module
+    path). ONNX Runtime names a fused node '<its first node>/<fusion>' and the quantizer a quantised
+    one '<node>_quant'; nodes ORT adds (reshapes around a Gemm, activation quantizers) have none."""
+    name = node.split("/", 1)[0]
+    return modules.get(name) or modules.get(name.removesuffix("_quant"))
+
+
+def block_of(module: str | None) -> str:
+    """A module path's top-level block: 'up_blocks.3' for 'up_blocks.3.resnets.1.conv1', 'mid_block'
+    for 'mid_block.attentions.0.proj_in', 'conv_in' for 'conv_in' (the UNet's blocks, as the paper's
+    Fig. 2 breaks its cost down)."""
+    if module is None:
+        return UNATTRIBUTED
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
+
+
+def cost_views(ops: Iterable[tuple[str, str, float]], modules: dict[str, str]) -> dict[str, list]:
+    """One profiled call's node time summed per top-level block and per op type, largest first:
+    {"by_block": [{block, ms, share}], "by_op_type": [{op_type, ms, share}]}; shares of the call's
+    node time (they add up to 1)."""
+    ops = list(ops)
+    total_ms = sum(ms for _, _, ms in ops)
+    by_block: dict[str, float] = {}
+    by_type: dict[str, float] = {}
+    for name, op_type, ms in ops:
+        block = block_of(module_of(name, modules))
+        by_block[block] = by_block.get(block, 0.0) + ms
+        by_type[op_type] = by_type.get(op_type, 0.0) + ms
+
+    def ranked(totals: dict[str, float], key: str) -> list[dict]:
+        return [
+            {key: k, "ms": round(ms, 3), "share": round(ms / total_ms, 4) if total_ms else None}
+            for k, ms in sorted(totals.items(), key=lambda item: -item[1])
+        ]
+
+    return {"by_block": ranked(by_block, "block"), "by_op_type": ranked(by_type, "op_type")}

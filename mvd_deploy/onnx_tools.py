@@ -153,14 +153,49 @@ def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_name:
             opset_version=OPSET,
             input_names=list(inputs),
             output_names=[output_name],
-            optimize=True,
+            optimize=False,
         )
+        optimize_exported(program.model)
     onnx_ir.save(program.model, path, external_data=f"{path.stem}.data")
     # onnxscript's rewrite rules keep the last graph they matched alive (module-level state), and its
     # initializers wrap the module's parameters: drop them so the weights can be freed after export.
     for value in program.model.graph.initializers.values():
         value.const_value = None
     program.model.graph.initializers.clear()
+
+
+def optimize_exported(model) -> None:
+    """onnxscript's ``optimize_ir`` (what ``torch.onnx.export(optimize=True)`` runs), in place, with
+    every default rewrite rule but ``SlicesSplit``.
+
+    That rule pairs every two Slice nodes of one input (quadratic): ~10 s of the tiny UNet's 14 s
+    optimisation, and it matches nothing in our graphs (``chunk`` exports as Split). The graphs are
+    the same node for node (tests/test_export.py compares them on the tiny build).
+    """
+    import onnx_ir.passes.common as common
+    from onnxscript import rewriter
+    from onnxscript.optimizer import fold_constants_ir
+    from onnxscript.rewriter.rules.common import slice_split_rule
+
+    rules = rewriter.RewritePass([r for r in rewriter._DEFAULT_REWRITE_RULES if r is not slice_split_rule])
+    common.InlinePass()(model)
+    for _ in range(2):  # optimize_ir's loop: fold, rewrite, clean up; again while something changed
+        modified = fold_constants_ir(model, onnx_shape_inference=True).modified
+        modified |= rules(model).modified
+        for cleanup in (common.RemoveUnusedNodesPass, common.RemoveUnusedFunctionsPass, common.RemoveUnusedOpsetsPass):
+            modified |= cleanup()(model).modified
+        if not modified:
+            break
+    for finish in (
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    ):
+        finish(model)
 
 
 MODULE_SCOPE_KEY = "pkg.torch.onnx.name_scopes"  # the dynamo exporter's module path of each node

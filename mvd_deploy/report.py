@@ -75,7 +75,7 @@ def plot_top_ops(profile: dict, path: Path) -> None:
         timed = [o for o in ops if o["ms"] is not None]  # none when the device reported cycles only
         unit = "ms" if timed else "cycles"
         ops = timed or ops
-        ax.barh([f"{o['op_type']} {o['name'][-18:]}" for o in ops], [o[unit] for o in ops])
+        ax.barh([f"{o['op_type']} {(o.get('module') or o['name'])[-28:]}" for o in ops], [o[unit] for o in ops])
         ax.set_xlabel(f"{unit} in one call")
         ax.set_title(f"{name}: slowest ops")
         ax.tick_params(axis="y", labelsize=7)

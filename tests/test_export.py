@@ -7,16 +7,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
+from onnx import numpy_helper
 
 from mvd_deploy.backends import CompileOptions, get_backend
+from mvd_deploy.backends.base import KERNEL_FEATURES
 from mvd_deploy.backends.inputs import VALIDATION_SEED, pipeline_inputs
 from mvd_deploy.build import Build
 from mvd_deploy.cli import main
 from mvd_deploy.device_profiles import resolve_target
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.export import export_build
-from mvd_deploy.metrics import psnr_db
+from mvd_deploy.metrics import block_of, cost_views, module_of, psnr_db
 from mvd_deploy.onnx_tools import check_onnx, module_paths, run_onnx, simplify_onnx
 
 
@@ -172,6 +175,16 @@ def test_int8_compile_reports_its_psnr_honestly(tiny_build, tmp_path, int8):
     assert measured < 150.0  # int8 is not bit-exact: ~200 dB would mean nothing was quantised
     assert np.isfinite(unet["validation"]["conditioning_sensitivity"]["compiled"])
     assert records["ort-cpu/fp32"]["components"]["unet"]["validation"]["psnr_db"] >= 80.0
+    # weights in [-64, 64]: no x86 int8 kernel (VPMADDUBSW without VNNI) can saturate, whatever CPU runs it
+    weights = [
+        numpy_helper.to_array(t)
+        for t in onnx.load(str(compiled)).graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and np.prod(t.dims) > 1  # scalars: activation zero points
+    ]
+    assert len(weights) >= unet["ops"]["int8"] // 4 > 0
+    assert all(w.min() >= -64 and w.max() <= 64 for w in weights)  # 2·255·64 = 32,640 fits in an int16
+    assert records[f"ort-cpu/{form}"]["int8_weights"]["range"] == [-64, 64]
+    assert set(records[f"ort-cpu/{form}"]["measured_on"]["features"]) <= set(KERNEL_FEATURES)
     manifest = json.loads((build.path / "build.json").read_text())
     assert manifest["compiled"][f"ort-cpu/{form}"] == records[f"ort-cpu/{form}"]
     assert not (build.path / ".staging").exists()
@@ -216,10 +229,40 @@ def test_profile_json(compiled_build):
         assert c["load_ms"]["first"] > 0 and c["peak_memory_mb"] > 0
         assert c["compute_units"]["CPU"] > 0 and c["top_ops"]
         assert sum(op["share"] for op in c["top_ops"]) <= 1.5  # shares of one call (profiler overhead aside)
+    # where the UNet's time goes: ops named by their module, summed per block and per op type
+    unet = profile["components"]["unet"]
+    by_block, by_type = unet["cost"]["by_block"], unet["cost"]["by_op_type"]
+    assert {"conv_in", "down_blocks.0", "mid_block", "up_blocks.3", "conv_out"} <= {b["block"] for b in by_block}
+    assert sum(b["ms"] for b in by_block) == pytest.approx(sum(t["ms"] for t in by_type), rel=1e-3)
+    assert sum(b["share"] for b in by_block) == pytest.approx(1, abs=1e-3)
+    # ORT's own nodes (reshapes around a Gemm, Splits) have no module: 10 % of the time measured here
+    assert sum(b["share"] for b in by_block if b["block"] != "(unattributed)") > 0.5
+    assert any(op["module"] for op in unet["top_ops"])
     assert profile["total_latency_ms"] == pytest.approx(
         sum(c["latency_ms"]["p50"] for c in profile["components"].values()), abs=1e-3
     )
     assert json.loads((build / "profiles" / "ort-cpu-fp32.json").read_text()) == profile
+
+
+def test_compiled_nodes_are_named_by_the_module_that_made_them():
+    modules = {"node_MatMul_5": "up_blocks.3.attentions.0.proj_in", "node_conv2d": "conv_in", "node_mul": "mid_block.x"}
+    assert module_of("node_MatMul_5/MatMulAddFusion", modules) == "up_blocks.3.attentions.0.proj_in"  # fused
+    assert module_of("node_MatMul_5_quant", modules) == "up_blocks.3.attentions.0.proj_in"  # quantised
+    assert module_of("gemm_input_reshape_token_2", modules) is None  # added by ONNX Runtime
+    assert [block_of(m) for m in ("up_blocks.3.attentions.0.proj_in", "conv_in", "mid_block.x", None)] == [
+        "up_blocks.3",
+        "conv_in",
+        "mid_block",
+        "(unattributed)",
+    ]
+    ops = [("node_conv2d", "Conv", 3.0), ("node_MatMul_5/MatMulAddFusion", "Gemm", 1.0), ("other", "Reshape", 1.0)]
+    views = cost_views(ops, modules)
+    assert views["by_block"] == [
+        {"block": "conv_in", "ms": 3.0, "share": 0.6},
+        {"block": "up_blocks.3", "ms": 1.0, "share": 0.2},
+        {"block": "(unattributed)", "ms": 1.0, "share": 0.2},
+    ]
+    assert [t["op_type"] for t in views["by_op_type"]] == ["Conv", "Gemm", "Reshape"]
 
 
 def test_unknown_target_and_not_a_build(tmp_path, tiny_build):
@@ -228,3 +271,42 @@ def test_unknown_target_and_not_a_build(tmp_path, tiny_build):
     assert err.value.parameter == "target"  # the CLI says --target there (test_packaging)
     with pytest.raises(MvdError, match="not a build directory"):
         Build(tmp_path)
+
+
+def test_export_optimiser_writes_the_graphs_onnxscripts_own_would(tiny_checkpoint, tiny_build, tmp_path, monkeypatch):
+    """optimize_exported leaves out one costly rewrite rule (SlicesSplit): the built graphs (after
+    onnxsim) must be those of onnxscript's full optimize_ir, node for node and attribute for
+    attribute — on the VAE encoder (Pad into Conv) and the TAESD decoder (Min/Max into Clip, Conv
+    biases), and the rule must find nothing in the tiny UNet's built graph."""
+    import onnx_ir
+    import onnxscript.optimizer
+    from diffusers import AutoencoderTiny
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import slice_split_rule
+
+    from mvd_deploy import onnx_tools
+    from mvd_deploy.checkpoint import load_encoders, read_checkpoint_info
+    from mvd_deploy.model.decoder import TAESDDecoder
+
+    vae_encoder = load_encoders(read_checkpoint_info(tiny_checkpoint))["vae_encoder"]
+    decoder = TAESDDecoder(AutoencoderTiny(decoder_block_out_channels=(16, 16, 16, 16)).decoder).eval()
+    cases = {
+        "vae_encoder": (vae_encoder, {"image": torch.rand(1, 3, 32, 64) * 2 - 1}),
+        "decoder": (decoder, {"latents": torch.randn(1, 2, 4, 4, 8)}),
+    }
+
+    def built_graph(name, optimizer) -> list:
+        monkeypatch.setattr(onnx_tools, "optimize_exported", optimizer)
+        module, inputs = cases[name]
+        path = tmp_path / optimizer.__name__ / f"{name}.onnx"
+        path.parent.mkdir(exist_ok=True)
+        onnx_tools.export_onnx(module, inputs, "out", path)
+        simplify_onnx(path)
+        nodes = onnx.load(str(path), load_external_data=False).graph.node
+        return [(n.op_type, list(n.input), sorted((a.name, str(a)) for a in n.attribute)) for n in nodes]
+
+    for name in cases:
+        ours = built_graph(name, onnx_tools.optimize_exported)
+        assert ours == built_graph(name, onnxscript.optimizer.optimize_ir), name
+        assert len(ours) > 10
+    assert not rewriter.RewritePass([slice_split_rule])(onnx_ir.load(tiny_build / "unet.onnx")).modified

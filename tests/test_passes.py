@@ -330,3 +330,31 @@ def _recipe_stages():
     from mvd_deploy.stages import stage_table
 
     return stage_table(tiny_spec(funnel_layers=("spatial_self_attention", "temporal_self_attention")))
+
+
+def test_a_checkpoint_deployed_again_reuses_its_flop_counts(tmp_path, train_time_unet, monkeypatch):
+    """FLOPs are a function of the spec and the passes applied: counted once per process for each,
+    the same figures either way; a hand-changed pipeline (no origin) is counted every time."""
+    from mvd_deploy.deploy import deploy_checkpoint
+    from mvd_deploy.passes import manager
+
+    monkeypatch.setattr(manager, "_FLOPS", {})
+    counted = []
+    real = DeployPipeline.flops
+    monkeypatch.setattr(DeployPipeline, "flops", lambda self, c: counted.append(c) or real(self, c))
+    save_checkpoint(train_time_unet, tmp_path / "ck")
+
+    first = deploy_checkpoint(tmp_path / "ck", passes=["merge_funnels", "strip_temporal"]).passes
+    assert counted == ["unet"] * 3
+    again = deploy_checkpoint(tmp_path / "ck", passes=["merge_funnels", "strip_temporal", "frames_as_batch"]).passes
+    assert counted == ["unet"] * 4  # only the new prefix (+ frames_as_batch) is counted
+    assert [r.to_dict() | {"seconds": 0} for r in again[:2]] == [r.to_dict() | {"seconds": 0} for r in first]
+    assert first[0].flops_after < first[0].flops_before  # merge_funnels: its own figure, not its input's
+
+    other = dataclasses.replace(train_time_unet.spec.mobilevd, temporal_multiscaling=False)
+    train_time_unet.spec = dataclasses.replace(train_time_unet.spec, mobilevd=other)
+    save_checkpoint(train_time_unet, tmp_path / "other")
+    deploy_checkpoint(tmp_path / "other", passes=["merge_funnels"])
+    assert counted == ["unet"] * 6  # another spec: counted afresh
+    run_passes(DeployPipeline(train_time_unet), make_passes(["merge_funnels"]))
+    assert counted == ["unet"] * 8  # no origin: counted

@@ -65,6 +65,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The x86 features that decide which int8 and fp32 kernels ONNX Runtime (MLAS) picks on this CPU.
+KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
+
+
+def cpu_features() -> list[str]:
+    """Which of KERNEL_FEATURES this CPU has (/proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in KERNEL_FEATURES if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def new_profile(target: str, form: str, build: Build, device: dict, runs: int) -> dict:
     """The common profile document; backends fill ``components``.
 
@@ -74,7 +90,10 @@ def new_profile(target: str, form: str, build: Build, device: dict, runs: int) -
       peak_memory_mb: float | None        peak resident memory while running (None: not measured)
       compute_units: {unit: layers}       layers placed per compute unit (NPU/GPU/CPU)
       top_ops: [{name, op_type, ms, share}]  slowest layers of one profiled call (layers timed in
-                                          cycles only: ms and share None, cycles and cycles_share)
+                                          cycles only: ms and share None, cycles and cycles_share;
+                                          ort-cpu: also the module that made each, or None)
+      cost: {by_block, by_op_type}        ort-cpu: one profiled call's time per top-level block
+                                          ('up_blocks.3', ...) and per op type, largest first
       graphs: {graph: {...}}              a component compiled in parts: each part's own figures
       psnr_db: float                      the compiled form against the export (on the device for AI Hub)
 

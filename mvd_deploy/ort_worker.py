@@ -1,6 +1,6 @@
 """Profiles one ONNX model with ONNX Runtime CPU in its own process; prints one JSON object.
 
-python -m mvd_deploy.backends.ort_worker MODEL INPUTS.npz RUNS THREADS [--progress]
+python -m mvd_deploy.ort_worker MODEL INPUTS.npz RUNS THREADS [--progress]
 
 With --progress, a bar on stderr counts the warm-up and timed calls (seconds each at full size).
 """
@@ -12,14 +12,13 @@ import resource
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from mvd_deploy.metrics import latency_summary, top_ops
+from mvd_deploy.metrics import latency_summary
 
 WARMUP = 2
 
@@ -36,20 +35,16 @@ def _session(model: str, threads: int, profile_prefix: str | None = None) -> ort
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def _top_ops(trace_path: str, total_ms: float) -> tuple[list[dict], dict[str, int]]:
+def _node_times(trace_path: str) -> list[tuple[str, str, float]]:
+    """(node name, op type, ms) of every node in one profiled call, in execution order."""
     events = json.loads(Path(trace_path).read_text())
-    per_node: dict[str, dict] = {}
+    per_node: dict[str, list] = {}
     for event in events:
         if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
             continue
         name = event["name"][: -len("_kernel_time")]
-        entry = per_node.setdefault(name, {"name": name, "op_type": event["args"].get("op_name", "?"), "us": 0})
-        entry["us"] += event["dur"]
-    top = top_ops(((e["name"], e["op_type"], e["us"] / 1000) for e in per_node.values()), total_ms)
-    by_type: dict[str, int] = defaultdict(int)
-    for e in per_node.values():
-        by_type[e["op_type"]] += 1
-    return top, dict(by_type)
+        per_node.setdefault(name, [name, event["args"].get("op_name", "?"), 0.0])[2] += event["dur"] / 1000
+    return [tuple(entry) for entry in per_node.values()]
 
 
 def main() -> None:
@@ -78,13 +73,13 @@ def main() -> None:
         profiled = _session(model, threads, profile_prefix=str(Path(tmp) / "ort"))
         warm_load_ms = (time.perf_counter() - start) * 1000
         profiled.run(None, inputs)
-        top, nodes_by_type = _top_ops(profiled.end_profiling(), float(np.median(latencies)))
+        nodes = _node_times(profiled.end_profiling())
     result = {
         "latency_ms": latency_summary(latencies),
         "load_ms": {"first": round(load_ms, 1), "warm": round(warm_load_ms, 1)},
         "peak_memory_mb": round(peak_mb, 1),
-        "compute_units": {"CPU": sum(nodes_by_type.values())},
-        "top_ops": top,
+        "compute_units": {"CPU": len(nodes)},
+        "node_ms": nodes,  # the parent names them by module and ranks them (it has the exported graph)
     }
     print(json.dumps(result))
 
