@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +75,7 @@ def deploy_checkpoint(
     with stages.stage(f"run {len(deploy_passes)} deploy passes" + (" (each exact one checked)" if check else "")):
         # The layers are a function of the spec (gates, funnels, encoders and decoder sections);
         # a TAESD directory brings its own config, so that deployment counts every time.
-        origin = None if taesd_dir else json.dumps(info.spec.to_dict(), sort_keys=True, default=str)
+        origin = None if taesd_dir else info.spec.canonical_json()
         results = run_passes(pipeline, deploy_passes, check=check, tolerance=tolerance, origin=origin)
     return Deployment(pipeline=pipeline, passes=results, checkpoint=info)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 from dataclasses import dataclass, field
 from importlib.resources.abc import Traversable
@@ -117,6 +118,11 @@ class ModelSpec:
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return self.mobilevd.video.latent_shape(self.unet["in_channels"])
+
+    def canonical_json(self) -> str:
+        """The spec as canonical JSON: a key for what is a pure function of the architecture (Table 8,
+        the pass log's FLOPs)."""
+        return json.dumps(self.to_dict(), sort_keys=True, default=str)
 
     def to_dict(self) -> dict[str, Any]:
         parts = (("image_encoder", self.image_encoder), ("vae", self.vae), ("decoder", self.decoder))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass
 
 from mvd_deploy.flops import count_model_flops
@@ -125,7 +124,7 @@ _TABLES: dict[str, list[dict]] = {}
 
 def stage_table(spec: ModelSpec) -> list[dict]:
     """Rows {stage, id, nfe, flops, tflops, params, paper_tflops, delta_pct} for a spec with gates."""
-    key = json.dumps(spec.to_dict(), sort_keys=True, default=str)
+    key = spec.canonical_json()
     if key not in _TABLES:
         _TABLES[key] = _stage_rows(spec)
     return copy.deepcopy(_TABLES[key])

@@ -54,15 +54,20 @@ class Backend:
         raise NotImplementedError
 
 
-def cpu_name() -> str:
-    """This machine's CPU model, as profiles name the device that ran them."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line's value in /proc/cpuinfo (None where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """This machine's CPU model, as profiles name the device that ran them."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 # The x86 features that decide which int8 and fp32 kernels ONNX Runtime (MLAS) picks on this CPU.
@@ -71,14 +76,8 @@ KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnn
 
 def cpu_features() -> list[str]:
     """Which of KERNEL_FEATURES this CPU has (/proc/cpuinfo; empty where it cannot be read)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [f for f in KERNEL_FEATURES if f in flags]
-    except OSError:
-        pass
-    return []
+    flags = set((_cpuinfo("flags") or "").split())
+    return [f for f in KERNEL_FEATURES if f in flags]
 
 
 def new_profile(target: str, form: str, build: Build, device: dict, runs: int) -> dict:

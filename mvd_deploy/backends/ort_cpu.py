@@ -195,7 +195,8 @@ _INT8_OPS = (
 # x86 int8 kernels without VNNI (AVX2, AVX-512F/BW) multiply u8 activations by s8 weights with
 # VPMADDUBSW, which adds two products into a saturating int16: 2·255·127 overflows it, 2·255·64 does
 # not. Weights in [-64, 64] (ORT's reduce_range) make every int8 form compute the same on any x86 CPU; the
-# full-size UNet's int8-dynamic PSNR fell from 51.7 dB (VNNI) to 32.8 dB (AVX2 only) with 8-bit weights.
+# full-size UNet's int8-dynamic PSNR fell from 51.7 dB (VNNI) to 32.8 dB (AVX2 only) with 8-bit weights
+# (issue 13's figures).
 INT8_WEIGHTS = {"range": [-64, 64], "per_channel": True, "why": "no int16 saturation in VPMADDUBSW (x86 without VNNI)"}
 
 

@@ -69,7 +69,7 @@ def _params(module) -> int:
 
 
 # (origin, component, passes applied so far) → FLOPs. A count runs the model through FlopCounterMode on
-# the meta device (~0.5 s on the tiny recipe, seconds at full size, once per pass); a process that
+# the meta device (0.7–0.9 s on the tiny recipe, seconds at full size, once per pass); a process that
 # deploys the same checkpoint again (the API, the tests) gets the same figures without counting.
 _FLOPS: dict[tuple, int] = {}
 
