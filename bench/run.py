@@ -25,6 +25,9 @@ CLI = [sys.executable, "-m", "mvd_deploy"]
 # Paper (arXiv 2412.07583) Table 8, TFLOPs per UNet call at 512x256.
 PAPER_TFLOPS = {"svd": 8.60}
 NPU_CALIBRATION_SAMPLES = 8
+ORT_CPU_FORMS = ("fp32", "int8-dynamic", "int8-static")
+# Issue 13's goals for the CPU fallback, measured side by side in one run (ratios, not seconds).
+CPU_GOALS = {"speedup_vs_eager": 3.0, "min_psnr_db": 30.0, "int8_min_psnr_db": 40.0, "peak_over_weights": 1.5}
 
 
 def tree_rss_bytes(root: int) -> int:
@@ -122,16 +125,18 @@ def measure_chain() -> dict:
         weight_bytes = (ckpt / "unet.safetensors").stat().st_size
         passes = measure(["passes", str(ckpt), "--json"])
         export = measure(["export", str(ckpt), "--out", str(build), "--json"])
-        compile_ = measure(["compile", str(build), "--target", "ort-cpu", "--int8", "dynamic", "--json"])
+        compile_ = measure(
+            ["compile", str(build), "--target", "ort-cpu", "--int8", "dynamic", "--int8", "static", "--json"]
+        )
         profiles = {
             form: json.loads(
                 measure(["profile", str(build), "--target", "ort-cpu", "--form", form, "--runs", "3", "--json"])[
                     "stdout"
                 ]
             )
-            for form in ("fp32", "int8-dynamic")
+            for form in ORT_CPU_FORMS
         }
-        generate = measure_generate(build, work, forms=("fp32", "int8-dynamic"))
+        generate = measure_generate(build, work, forms=ORT_CPU_FORMS)
         eager = run_python(["bench/eager.py", str(ckpt), "3"])
         # The phone path offline (Snapdragon 8 Gen 3 NPU, QNN HTP): every graph in w8a16, as a user runs it
         # (fewer calibration samples than the profile's 100: each costs a forward of every UNet part).
@@ -221,31 +226,7 @@ def summarize_chain(raw: dict) -> list[dict]:
                 "rel_error": r["rel_error"],
             }
         )
-    unet_flops = manifest["components"]["unet"]["flops"]
-    eager_ms = eager["eager_ms"][len(eager["eager_ms"]) // 2]
-    forms = [("PyTorch eager fp32", eager_ms, None, None)]
-    for form, profile in profiles.items():
-        unet = profile["components"]["unet"]
-        forms.append(
-            (
-                f"ORT CPU {form}",
-                unet["latency_ms"]["p50"],
-                compiled[f"ort-cpu/{form}"]["components"]["unet"]["validation"]["psnr_db"],
-                unet["peak_memory_mb"],
-            )
-        )
-    for name, ms, psnr, peak in forms:
-        rows.append(
-            {
-                "case": f"unet per call: {name}",
-                "p50_ms": round(ms, 1),
-                "speedup_vs_eager": round(eager_ms / ms, 2),
-                "psnr_db_vs_fp32": psnr,
-                "peak_memory_mb": peak,
-                "gflop_per_s": round(unet_flops / (ms / 1000) / 1e9, 1),
-                "share_of_gemm_rate": round(unet_flops / (ms / 1000) / 1e9 / eager["gemm_gflops"], 3),
-            }
-        )
+    rows += summarize_cpu_forms(manifest, compiled, profiles, eager)
     rows.append(
         {
             "case": "this CPU: fp32 GEMM 4096^3 (best of torch/MKL and ORT/MLAS)",
@@ -269,6 +250,49 @@ def summarize_chain(raw: dict) -> list[dict]:
     decoder = profiles["fp32"]["components"].get("decoder")
     if decoder:
         rows.append({"case": "decoder per call (14 frames): ORT CPU fp32", "p50_ms": decoder["latency_ms"]["p50"]})
+    return rows
+
+
+def summarize_cpu_forms(manifest: dict, compiled: dict, profiles: dict, eager: dict) -> list[dict]:
+    """The UNet per call: PyTorch eager fp32, then each ort-cpu form, against issue 13's goals."""
+    rows = []
+    unet_flops = manifest["components"]["unet"]["flops"]
+    eager_ms = eager["eager_ms"][len(eager["eager_ms"]) // 2]
+    rows.append(
+        {
+            "case": "unet per call: PyTorch eager fp32",
+            "p50_ms": round(eager_ms, 1),
+            "gflop_per_s": round(unet_flops / (eager_ms / 1000) / 1e9, 1),
+            "share_of_gemm_rate": round(unet_flops / (eager_ms / 1000) / 1e9 / eager["gemm_gflops"], 3),
+        }
+    )
+    for form, profile in profiles.items():
+        unet = profile["components"]["unet"]
+        validation = compiled[f"ort-cpu/{form}"]["components"]["unet"]["validation"]
+        ms, peak_mb = unet["latency_ms"]["p50"], unet["peak_memory_mb"]
+        files = manifest["files"]
+        unet_bytes = sum(files[f"compiled/ort-cpu/{form}/unet.{ext}"]["bytes"] for ext in ("onnx", "data"))
+        sensitivity = validation["conditioning_sensitivity"]
+        min_psnr = CPU_GOALS["int8_min_psnr_db"] if form.startswith("int8") else None
+        rows.append(
+            {
+                "case": f"unet per call: ORT CPU {form}",
+                "p50_ms": round(ms, 1),
+                "speedup_vs_eager": round(eager_ms / ms, 2),
+                "psnr_db_vs_fp32": validation["psnr_db"],
+                "sensitivity_vs_export": round(sensitivity["compiled"] / sensitivity["reference"], 3),
+                "peak_memory_gb": round(peak_mb * 2**20 / 1e9, 2),
+                "weights_gb": round(unet_bytes / 1e9, 2),
+                "peak_over_weights": round(peak_mb * 2**20 / unet_bytes, 2),
+                "gflop_per_s": round(unet_flops / (ms / 1000) / 1e9, 1),
+                "share_of_gemm_rate": round(unet_flops / (ms / 1000) / 1e9 / eager["gemm_gflops"], 3),
+                "goal": (
+                    f">= {CPU_GOALS['speedup_vs_eager']}x eager (fastest form) at >= {CPU_GOALS['min_psnr_db']} dB, "
+                    f"sensitivity within 20 %, peak <= {CPU_GOALS['peak_over_weights']}x weights"
+                    + (f", >= {min_psnr} dB" if min_psnr else "")
+                ),
+            }
+        )
     return rows
 
 

@@ -24,6 +24,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mvd_deploy.backends import qnn_offline  # noqa: E402
+from mvd_deploy.calibration import calibration_reader  # noqa: E402
 from mvd_deploy.device_profiles import resolve_target  # noqa: E402
 from mvd_deploy.passes.broadcast_temporal_attention import BroadcastSelfAttnProcessor  # noqa: E402
 
@@ -46,7 +47,7 @@ def measure(processor, pixels: int, frames: int, runs: int, work: Path) -> dict:
         session.run(None, feed)
     ort_ms = (time.perf_counter() - start) / runs * 1000
     rng = np.random.default_rng(0)
-    reader = qnn_offline._calibration_reader([0], lambda _: {"hidden_states": rng.standard_normal(x.shape, np.float32)})
+    reader = calibration_reader([0], lambda _: {"hidden_states": rng.standard_normal(x.shape, np.float32)})
     qnn_offline.quantize_w8a16(path, work / "qdq.onnx", reader, work)
     chipset = resolve_target("xiaomi-14-pro").chipset
     start = time.perf_counter()

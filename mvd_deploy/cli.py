@@ -279,7 +279,8 @@ def export_cmd(
 @click.option(
     "--int8",
     type=click.Choice(["dynamic", "static"]),
-    help="ort-cpu: also compile an int8 form (onnxruntime.quantization).",
+    multiple=True,
+    help="ort-cpu: also compile an int8 form (onnxruntime.quantization); repeat for both.",
 )
 @click.option(
     "--min-psnr",

@@ -131,6 +131,12 @@ def export_build(
     # Inputs and FLOPs first: each component's PyTorch model is freed once it is exported.
     inputs = {name: component_inputs(pipeline, name) for name in components}
     flops = {name: pipeline.flops(name) for name in components}
+    # Components not exported are freed now, not at exit: the UNet's ORT validation is the export's peak,
+    # and a CLIP image encoder left beside it adds 2.5 GB (full size) to it.
+    for name in available:
+        if name not in components:
+            setattr(pipeline, name, None)
+    release_memory()
     with atomic_output_dir(out) as tmp:
         for name in components:
             record = _export_component(pipeline, name, inputs[name], precision, threshold, tmp)

@@ -40,7 +40,7 @@ from mvd_deploy.build import Build
 from mvd_deploy.deploy import deploy_checkpoint
 from mvd_deploy.device_profiles import Chipset, resolve_target
 from mvd_deploy.errors import MvdError
-from mvd_deploy.onnx_tools import ort_session
+from mvd_deploy.ort_worker import compiled_session
 from mvd_deploy.pipeline import PipelineContract, load_image, make_inputs, run_pipeline, run_reference
 from mvd_deploy.progress import Stages
 
@@ -96,7 +96,7 @@ def ort_runner(build: Build, record: dict, seconds: dict[str, dict[str, float]])
 
     def run(name: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         start = time.perf_counter()
-        session = ort_session(directory / record["components"][name]["onnx"], arena=False)
+        session = compiled_session(str(directory / record["components"][name]["onnx"]))
         loaded = time.perf_counter()
         wanted = {i.name for i in session.get_inputs()}
         output = session.run(None, {k: v.numpy().astype(np.float32) for k, v in feeds.items() if k in wanted})[0]

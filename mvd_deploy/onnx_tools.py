@@ -53,12 +53,17 @@ def quiet_ort_quantizer():
     """ONNX Runtime's quantizer logs advice (run its pre-processing, opset updates) with module-level
     ``logging.warning``, i.e. on the root logger. Records at WARNING and below are held back for the
     call with ``logging.disable`` and the previous setting restored; the root logger's level and
-    handlers are not touched."""
-    previous = logging.root.manager.disable
+    handlers are as they were after the call."""
+    previous, handlers = logging.root.manager.disable, logging.root.handlers
     logging.disable(logging.WARNING)
+    # ``logging.warning`` calls ``basicConfig()`` (a stderr handler on the root logger, for good) whenever
+    # the root has no handler, disabled or not: the root holds a NullHandler for the call instead.
+    if not handlers:
+        logging.root.handlers = [logging.NullHandler()]
     try:
         yield
     finally:
+        logging.root.handlers = handlers
         logging.disable(previous)
 
 
@@ -341,15 +346,6 @@ def _shared_norm_parameters(graph) -> list[tuple]:
         for index in range(1, len(node.input))
         if readers.get(node.input[index], 0) > 1
     ]
-
-
-def norms_sharing_parameters(path: Path) -> list[str]:
-    """Names of the normalisation nodes whose scale/bias another node shares (for ``nodes_to_exclude``:
-    ORT CPU's static int8 keeps them float)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return sorted({node.name for node, _ in _shared_norm_parameters(graph)})
 
 
 def unshare_norm_parameters(model) -> int:

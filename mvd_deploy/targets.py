@@ -71,7 +71,7 @@ def compile_build(
     build: Build | str | Path,
     *,
     targets: Iterable[str | Path] | str | Path,
-    int8: str | None = None,
+    int8: str | Iterable[str] | None = None,
     min_psnr_db: float | None = None,
     calibration_samples: int | None = None,
     form: str | None = None,
@@ -81,7 +81,7 @@ def compile_build(
     """Compile every component of ``build`` for each of ``targets`` (device profile names or paths);
     every compiled form is validated (PSNR at least ``min_psnr_db``, default per form).
 
-    ``int8``: ort-cpu also compiles an int8 form (``dynamic`` or ``static``). ``calibration_samples``:
+    ``int8``: ort-cpu also compiles int8 forms (``dynamic``, ``static`` or both). ``calibration_samples``:
     static int8's (default 4) or the phones' w8a16 calibration (default: each profile's own).
     ``offline``: phone targets compile here with the QNN HTP compiler for each profile's chipset, no AI
     Hub; then ``form`` (``w8a16`` or ``float16``) overrides each profile's precision, and ``emulate``
@@ -89,7 +89,11 @@ def compile_build(
     _offline_only(offline, form=form, emulate=emulate)
     build = open_build(build)
     options = CompileOptions(
-        int8=int8, min_psnr_db=min_psnr_db, calibration_samples=calibration_samples, form=form, emulate=emulate
+        int8=int8,
+        min_psnr_db=min_psnr_db,
+        calibration_samples=calibration_samples,
+        form=form,
+        emulate=emulate,
     )
     records = {}
     for backend, profiles in group_targets(_targets(targets), offline=offline).items():

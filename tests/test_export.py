@@ -153,54 +153,68 @@ def test_simplify_never_loads_the_weights_and_keeps_outputs(tiny_build, tmp_path
 
 # -- compile and profile ------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("int8", ["dynamic", "static"])
-def test_int8_compile_reports_its_psnr_honestly(tiny_build, tmp_path, int8):
+def test_int8_compile_reports_its_psnr_honestly(tiny_build, tmp_path):
     """What compile promises, whatever figure this CPU's int8 kernels give: the PSNR it records is the
-    PSNR of what it wrote; a threshold under it (0 dB) writes the form, one far over it refuses it."""
+    PSNR of what it wrote; a threshold under it (0 dB) writes the form, one far over it refuses it.
+    Both int8 forms in one compile (``--int8`` repeated)."""
     build = Build(_copy_build(tiny_build, tmp_path))
-    form = f"int8-{int8}"
     # No threshold: the measured figure decides nothing here (it moves with the CPU's int8 kernels).
-    records = get_backend("ort-cpu").compile(
-        build,
-        [resolve_target("ort-cpu")],
-        CompileOptions(int8=int8, calibration_samples=2, min_psnr_db=0.0),
+    result = CliRunner().invoke(
+        main,
+        ["compile", str(build.path), "--target", "ort-cpu", "--int8", "dynamic", "--int8", "static"]
+        + ["--calibration-samples", "2", "--min-psnr", "0", "--json"],
     )
-    assert set(records) == {"ort-cpu/fp32", f"ort-cpu/{form}"}
-    unet = records[f"ort-cpu/{form}"]["components"]["unet"]
-    assert unet["ops"]["int8"] > 0  # something really was quantised
-    compiled = build.path / "compiled" / "ort-cpu" / form / "unet.onnx"
-    [inputs] = pipeline_inputs(build, "unet", 1, seed=VALIDATION_SEED)
-    measured = psnr_db(run_onnx(compiled, inputs), run_onnx(build.onnx_path("unet"), inputs))
-    assert abs(measured - unet["validation"]["psnr_db"]) < 0.1
-    assert measured < 150.0  # int8 is not bit-exact: ~200 dB would mean nothing was quantised
-    assert np.isfinite(unet["validation"]["conditioning_sensitivity"]["compiled"])
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert list(records) == ["ort-cpu/fp32", "ort-cpu/int8-dynamic", "ort-cpu/int8-static"]
     assert records["ort-cpu/fp32"]["components"]["unet"]["validation"]["psnr_db"] >= 80.0
-    # weights in [-64, 64]: no x86 int8 kernel (VPMADDUBSW without VNNI) can saturate, whatever CPU runs it
-    weights = [
-        numpy_helper.to_array(t)
-        for t in onnx.load(str(compiled)).graph.initializer
-        if t.data_type == onnx.TensorProto.INT8 and np.prod(t.dims) > 1  # scalars: activation zero points
-    ]
-    assert len(weights) > 100  # int8 weight and zero-point tensors checked: 520 dynamic, 870 static measured
-    assert all(w.min() >= -64 and w.max() <= 64 for w in weights)  # 2·255·64 = 32,640 fits in an int16
-    assert records[f"ort-cpu/{form}"]["int8_weights"]["range"] == [-64, 64]
-    assert set(records[f"ort-cpu/{form}"]["measured_on"]["features"]) <= set(KERNEL_FEATURES)
+    [inputs] = pipeline_inputs(build, "unet", 1, seed=VALIDATION_SEED)
+    exported = run_onnx(build.onnx_path("unet"), inputs)
     manifest = json.loads((build.path / "build.json").read_text())
-    assert manifest["compiled"][f"ort-cpu/{form}"] == records[f"ort-cpu/{form}"]
+    for int8 in ("dynamic", "static"):
+        form = f"int8-{int8}"
+        unet = records[f"ort-cpu/{form}"]["components"]["unet"]
+        assert unet["ops"]["int8"] > 0  # something really was quantised
+        compiled = build.path / "compiled" / "ort-cpu" / form / "unet.onnx"
+        measured = psnr_db(run_onnx(compiled, inputs), exported)
+        assert abs(measured - unet["validation"]["psnr_db"]) < 0.1
+        assert measured < 150.0  # int8 is not bit-exact: ~200 dB would mean nothing was quantised
+        assert np.isfinite(unet["validation"]["conditioning_sensitivity"]["compiled"])
+        # weights in [-64, 64]: no x86 int8 kernel (VPMADDUBSW without VNNI) can saturate, whatever CPU runs it
+        weights = [
+            numpy_helper.to_array(t)
+            for t in onnx.load(str(compiled)).graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and np.prod(t.dims) > 1  # scalars: activation zero points
+        ]
+        assert len(weights) > 100  # int8 weight and zero-point tensors checked: 520 in the dynamic form (measured)
+        assert all(w.min() >= -64 and w.max() <= 64 for w in weights)  # 2·255·64 = 32,640 fits in an int16
+        # what each form quantises (INT8_FORMS): MatMul/Gemm dynamic in both, convolutions static in static
+        ops = {node.op_type for node in onnx.load(str(compiled), load_external_data=False).graph.node}
+        assert ops & {"DynamicQuantizeMatMul", "MatMulInteger"}
+        if int8 == "static":  # and nothing else static: softmax, MatMul stay float or dynamic
+            assert "QLinearConv" in ops and not ops & {"QLinearMatMul", "QLinearSoftmax", "QLinearMul"}
+        else:
+            assert "Conv" in ops and "QLinearConv" not in ops
+        record = records[f"ort-cpu/{form}"]
+        assert record["int8_ops"]["Conv"] == ("static (calibrated QDQ)" if int8 == "static" else "float")
+        assert record["int8_weights"]["range"] == [-64, 64]
+        assert set(record["measured_on"]["features"]) <= set(KERNEL_FEATURES)
+        assert manifest["compiled"][f"ort-cpu/{form}"] == record
     assert not (build.path / ".staging").exists()
 
-    if int8 == "static":
-        return  # the threshold logic below is the same for both forms; static calibration is the slow one
-    # A threshold far above the measured figure refuses the form and writes nothing of it.
+    # A threshold far above the measured figure refuses the form and writes nothing of it (the same
+    # code refuses either form; dynamic is the quick one).
+    form = "int8-dynamic"
+    measured = records[f"ort-cpu/{form}"]["components"]["unet"]["validation"]["psnr_db"]
     shutil.rmtree(build.path / "compiled" / "ort-cpu" / form)
     # (the first component under it refuses the form: an encoder or the UNet)
     with pytest.raises(ValidationFailed, match=rf"\w+ \(ort-cpu {form}\): .* dB PSNR against the exported model"):
         get_backend("ort-cpu").compile(
             build,
             [resolve_target("ort-cpu")],
-            CompileOptions(int8=int8, calibration_samples=2, min_psnr_db=measured + 20),
+            CompileOptions(int8="dynamic", calibration_samples=2, min_psnr_db=measured + 20),
         )
-    assert not compiled.exists() and not (build.path / ".staging").exists()
+    assert not (build.path / "compiled" / "ort-cpu" / form).exists() and not (build.path / ".staging").exists()
 
 
 def test_compile_threshold_is_enforced(tiny_build, tmp_path):

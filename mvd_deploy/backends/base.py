@@ -21,11 +21,14 @@ PROFILE_SCHEMA_VERSION = 1
 
 @dataclass
 class CompileOptions:
-    int8: str | None = None  # None | "dynamic" | "static"
+    int8: tuple[str, ...] | str = ()  # ort-cpu's int8 forms: "dynamic", "static" (a string: one form)
     min_psnr_db: float | None = None  # None: the backend's default per form
     calibration_samples: int | None = None  # None: ort-cpu static int8 4; phones: each profile's own
     form: str | None = None  # qnn-offline: w8a16 | float16 instead of each target's precision
     emulate: bool | None = None  # qnn-offline: the emulated check; None = only where quick
+
+    def __post_init__(self):
+        self.int8 = (self.int8,) if isinstance(self.int8, str) else tuple(self.int8 or ())
 
 
 STATIC_INT8_CALIBRATION_SAMPLES = 4

@@ -1,9 +1,10 @@
 """ONNX Runtime CPU: the fully public fallback target.
 
 compile: ONNX Runtime's offline graph optimisation (level "extended": fusions that stay portable
-across CPUs) saved as the compiled model; optionally int8 first (onnxruntime.quantization: dynamic,
-MatMul/Gemm weights; or static QDQ, convolutions included, calibrated on inputs drawn from the
-pipeline). Every compiled component is re-validated against the build's exported model.
+across CPUs) saved as the compiled model; optionally int8 first (onnxruntime.quantization): dynamic
+(MatMul/Gemm), or static (convolutions with activation ranges calibrated on inputs drawn from the
+pipeline, then MatMul/Gemm dynamic). Every compiled component is re-validated against the build's
+exported model.
 
 profile: each component in its own worker process (so its peak memory is its own): load time,
 warm-up, N timed calls, and one profiled call for the op table.
@@ -33,12 +34,12 @@ from mvd_deploy.backends.base import (
 )
 from mvd_deploy.backends.inputs import VALIDATION_SEED, pipeline_inputs
 from mvd_deploy.build import Build
+from mvd_deploy.calibration import calibrate_min_max, calibration_reader
 from mvd_deploy.errors import MvdError
 from mvd_deploy.metrics import compare, conditioning_sensitivity, cost_views, require_psnr, top_ops
 from mvd_deploy.onnx_tools import (
     linear_time_quantizer,
     module_paths,
-    norms_sharing_parameters,
     ort_session,
     quiet_ort_quantizer,
 )
@@ -79,10 +80,11 @@ class OrtCpuBackend(Backend):
     name = "ort-cpu"
 
     def compile(self, build: Build, targets: list, options: CompileOptions) -> dict[str, dict]:
-        if options.int8 not in (None, "dynamic", "static"):
-            raise MvdError(f"int8: must be dynamic or static, got {options.int8!r}", parameter="int8")
+        for scheme in options.int8:
+            if scheme not in INT8_FORMS:
+                raise MvdError(f"int8: must be dynamic or static, got {scheme!r}", parameter="int8")
         base = "fp16" if build.manifest.get("precision") == "fp16" else "fp32"
-        forms = [base] + ([f"int8-{options.int8}"] if options.int8 else [])
+        forms = [base] + [f"int8-{scheme}" for scheme in INT8_FORMS if scheme in options.int8]
         for target in targets:  # a profile may ask for a form the options did not
             if target.form not in forms and target.form.startswith("int8"):
                 forms.append(target.form)
@@ -104,6 +106,7 @@ class OrtCpuBackend(Backend):
         record["measured_on"] = {"cpu": cpu_name(), "features": cpu_features()}
         if form.startswith("int8"):
             record["int8_weights"] = INT8_WEIGHTS
+            record["int8_ops"] = INT8_FORMS[form.removeprefix("int8-")]
         with build.staged(relative, label=form) as staged:
             for name in build.components:
                 with stages.stage(name):
@@ -200,6 +203,16 @@ _INT8_OPS = (
 INT8_WEIGHTS = {"range": [-64, 64], "per_channel": True, "why": "no int16 saturation in VPMADDUBSW (x86 without VNNI)"}
 
 
+# What each int8 form quantises, and how. MatMul/Gemm are dynamic in both: in the full-size UNet, static
+# QDQ of every op measured 33.1 dB and 17.7 s per call (Q/DQ pairs around the float ops, int8
+# softmax), convolutions static with MatMul/Gemm dynamic 43.3 dB and 10.3 s (fp32 30.4 s; issue 13).
+# ORT's dynamic ConvInteger is slower than its fp32 convolution on CPU, so dynamic leaves them float.
+INT8_FORMS = {
+    "dynamic": {"MatMul/Gemm": "dynamic (activations quantised per call)", "Conv": "float"},
+    "static": {"MatMul/Gemm": "dynamic (activations quantised per call)", "Conv": "static (calibrated QDQ)"},
+}
+
+
 def _op_counts(path: Path) -> dict[str, int]:
     """Nodes in the compiled graph, and how many of them are int8 (quantised) ops."""
     import onnx
@@ -209,41 +222,40 @@ def _op_counts(path: Path) -> dict[str, int]:
 
 
 def _quantize(build: Build, name: str, form: str, source: Path, out: Path, options: CompileOptions) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
+    """``source``'s int8 form (INT8_FORMS) at ``out``; intermediate files stay in ``out``'s directory."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
 
-    if form == "int8-dynamic":
-        # MatMul/Gemm weights only: ORT's dynamic ConvInteger path is slower than fp32 convolution on CPU.
-        with quiet_ort_quantizer():
-            quantize_dynamic(
+    if form == "int8-static":
+        # Convolutions as QDQ with calibrated activation ranges (QLinearConv once compiled). The ranges
+        # come from the bounded-memory MinMax calibration over the convolutions' tensors only: ORT's
+        # calibrator keeps every tensor of the run and does not fit the full-size UNet in 24 GB.
+        samples = pipeline_inputs(build, name, options.calibration_samples or STATIC_INT8_CALIBRATION_SAMPLES, seed=7)
+        reader = calibration_reader(samples, lambda sample: sample)
+        ranges = calibrate_min_max(source, reader, out.with_suffix(".ranges.json"), op_types=["Conv"])
+        convs = out.with_suffix(".convs.onnx")
+        with quiet_ort_quantizer(), linear_time_quantizer():
+            quantize_static(
                 source,
-                out,
-                op_types_to_quantize=["MatMul", "Gemm"],
+                convs,
+                None,  # the ranges come from the cache
+                calibration_cache_path=ranges,
+                op_types_to_quantize=["Conv"],
+                activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 per_channel=True,
                 reduce_range=True,  # see INT8_WEIGHTS
                 use_external_data_format=True,
             )
-        return
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            samples = options.calibration_samples or STATIC_INT8_CALIBRATION_SAMPLES
-            self.samples = iter(pipeline_inputs(build, name, samples, seed=7))
-
-        def get_next(self):
-            return next(self.samples, None)
-
-    with quiet_ort_quantizer(), linear_time_quantizer():
-        quantize_static(
+        source = convs
+    with quiet_ort_quantizer():
+        quantize_dynamic(
             source,
             out,
-            Reader(),
-            activation_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
             weight_type=QuantType.QInt8,
             per_channel=True,
             reduce_range=True,  # see INT8_WEIGHTS
             use_external_data_format=True,
-            nodes_to_exclude=norms_sharing_parameters(source),
         )
 
 

@@ -41,11 +41,11 @@ from mvd_deploy.backends.base import (
 )
 from mvd_deploy.backends.inputs import VALIDATION_SEED, pipeline_inputs
 from mvd_deploy.build import Build
+from mvd_deploy.calibration import calibrate_min_max, calibration_reader
 from mvd_deploy.device_profiles import HUB_PRECISIONS
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.metrics import compare, conditioning_sensitivity, require_psnr
 from mvd_deploy.onnx_tools import (
-    augment_for_min_max,
     describe_io,
     linear_time_quantizer,
     ort_session,
@@ -53,7 +53,7 @@ from mvd_deploy.onnx_tools import (
     unshare_norm_parameters,
 )
 from mvd_deploy.parts import graph_feeds, split_for_targets
-from mvd_deploy.progress import Stages, progress_bar
+from mvd_deploy.progress import Stages
 
 QNN_EP = "QNNExecutionProvider"
 FORMS = HUB_PRECISIONS  # the phone profiles' precisions: float16, w8a16
@@ -303,31 +303,6 @@ def read_compiled(path: Path, chipset, where: str) -> dict:
 
 
 # -- w8a16 ---------------------------------------------------------------------------------------------
-def _calibration_reader(samples: list, feed):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        """Makes each sample's feed when asked (at most one in memory); ``set_range`` picks the samples
-        of one ``collect_data`` call."""
-
-        def __init__(self):
-            self.set_range(0, len(samples))
-
-        def __len__(self):
-            return len(samples)
-
-        def set_range(self, start_index: int, end_index: int):
-            self.position, self.end = start_index, end_index
-
-        def get_next(self):
-            if self.position >= self.end:
-                return None
-            self.position += 1
-            return feed(samples[self.position - 1])
-
-    return Reader()
-
-
 def quantize_w8a16(source: Path, out: Path, reader, work: Path) -> None:
     """ONNX Runtime's QNN QDQ recipe: qnn_preprocess_model, then uint16 activations / uint8 weights,
     MinMax-calibrated with bounded memory (``calibrate_min_max``) and quantised from ORT's calibration
@@ -362,7 +337,10 @@ def quantize_w8a16(source: Path, out: Path, reader, work: Path) -> None:
         config = get_qnn_qdq_config(
             str(source), reader, activation_type=QuantType.QUInt16, weight_type=QuantType.QUInt8
         )
-        cache = calibrate_min_max(source, reader, work / f"{out.stem}.ranges.json", config=config)
+        symmetric = (config.extra_options or {}).get("CalibTensorRangeSymmetric", False)
+        cache = calibrate_min_max(
+            source, reader, work / f"{out.stem}.ranges.json", op_types=config.op_types_to_quantize, symmetric=symmetric
+        )
         with native_output(), quiet_ort_quantizer(), linear_time_quantizer():
             quantize_static(
                 str(source),
@@ -384,49 +362,6 @@ def quantize_w8a16(source: Path, out: Path, reader, work: Path) -> None:
     finally:
         for path in work.glob(f"{out.stem}.pre*"):
             path.unlink()
-
-
-def calibrate_min_max(source: Path, reader, cache: Path, *, config) -> Path:
-    """Every calibrated tensor's min/max over the reader's samples, written as ORT's calibration cache.
-
-    ORT's MinMax calibrator, with two changes that bound memory. Its graph is augmented with a
-    ReduceMin/ReduceMax of every tensor as extra outputs; in ORT's default execution order those
-    reductions all run after the last original node, so every activation stays alive until the end of
-    the run: the full-size UNet part 0 passed 18 GB for one sample. In priority-based order each
-    reduction runs as soon as its tensor exists: 5.1 GB peak, 12.7 s (the same part and sample; the
-    session is made here for that, and with the CPU arena off so freed tensors go back at once). And
-    the collected reductions are folded into running ranges after every sample."""
-    import onnxruntime
-    from onnxruntime.quantization.calibrate import MinMaxCalibrater, save_tensors_data
-
-    extra = config.extra_options or {}
-    scratch = cache.with_suffix(".calibration")  # the augmented model and its (uuid-named) weights copy
-    scratch.mkdir()
-    try:
-        calibrator = MinMaxCalibrater(
-            str(source),
-            op_types_to_calibrate=config.op_types_to_quantize,
-            augmented_model_path=str(scratch / "augmented.onnx"),
-            symmetric=extra.get("CalibTensorRangeSymmetric", False),
-            use_external_data_format=True,
-        )
-        augment_for_min_max(calibrator)
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT does
-        options.execution_order = onnxruntime.ExecutionOrder.PRIORITY_BASED
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
-        calibrator.infer_session = onnxruntime.InferenceSession(
-            calibrator.augmented_model_path, sess_options=options, providers=["CPUExecutionProvider"]
-        )
-        for index in progress_bar(logger, range(len(reader)), desc="      calibration", unit="sample", leave=False):
-            reader.set_range(index, index + 1)
-            calibrator.collect_data(reader)  # runs one sample and folds its min/max into the ranges
-        save_tensors_data(calibrator.compute_data(), cache)
-        del calibrator
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return cache
 
 
 def _opset_for_16bit(source: Path, out: Path) -> Path:
@@ -654,7 +589,7 @@ class QnnOfflineBackend(Backend):
                     with compiles.stages.stage(f"{graph.name}: w8a16 QDQ, {n} calibration samples"):
                         start = time.perf_counter()
                         samples = samples or pipeline_inputs(build, component, n, seed=CALIBRATION_SEED)
-                        reader = _calibration_reader(
+                        reader = calibration_reader(
                             samples, lambda s, i=index: graph_feeds(graphs[: i + 1], s, sessions)[i]
                         )
                         quantize_w8a16(graph.onnx, source, reader, work)
