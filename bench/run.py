@@ -122,7 +122,8 @@ def measure_chain() -> dict:
     ckpt, build = work / "mobilevd-ckpt", work / "build"
     try:
         init = measure(["init-checkpoint", "--model", "mobilevd", "--out", str(ckpt), "--json"])
-        weight_bytes = (ckpt / "unet.safetensors").stat().st_size
+        # every component's weights (UNet, CLIP image encoder, VAE encoder): export loads and exports them all
+        weight_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         passes = measure(["passes", str(ckpt), "--json"])
         export = measure(["export", str(ckpt), "--out", str(build), "--json"])
         compile_ = measure(

@@ -58,7 +58,7 @@ def graph_feeds(graphs, feed: dict[str, np.ndarray], sessions: dict | None = Non
         feeds.append({spec["name"]: available[spec["name"]] for spec in graph.inputs})
         if index < len(graphs) - 1:
             if graph.name not in sessions:
-                sessions[graph.name] = ort_session(graph.onnx, arena=False)
+                sessions[graph.name] = ort_session(graph.onnx, low_memory=True)
             names = [o["name"] for o in graph.outputs]
             available.update(zip(names, sessions[graph.name].run(names, feeds[-1]), strict=True))
     return feeds
@@ -68,7 +68,7 @@ def run_chain(graphs, feed: dict[str, np.ndarray]) -> np.ndarray:
     """The component output of ``graphs`` run in order on ONNX Runtime CPU."""
     last = graphs[-1]
     [last_feed] = graph_feeds(graphs, feed)[-1:]
-    session = ort_session(last.onnx, arena=False)
+    session = ort_session(last.onnx, low_memory=True)
     return session.run([last.outputs[0]["name"]], last_feed)[0]
 
 
@@ -277,7 +277,7 @@ def _check_chain(build: Build, component: str, staged: Path, graphs: list[dict])
     """The parts run in order against the whole exported model (ONNX Runtime CPU, fp32)."""
     feed = build.random_inputs(component, seed=0)
     chain = [Graph(component, g["name"], staged / f"{g['name']}.onnx", None, g["inputs"], g["outputs"]) for g in graphs]
-    whole = ort_session(build.onnx_path(component), arena=False).run(None, feed)[0]
+    whole = ort_session(build.onnx_path(component), low_memory=True).run(None, feed)[0]
     validation = compare(run_chain(chain, feed), whole) | {
         "min_psnr_db": CHAIN_MIN_PSNR_DB,
         "reference": f"exported {component}.onnx",

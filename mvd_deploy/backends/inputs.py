@@ -40,7 +40,7 @@ def pipeline_inputs(build: Build, component: str, n: int, seed: int) -> list[dic
         return samples
     if unet_io is None:
         return [build.random_inputs(component, seed + i) for i in range(n)]
-    session = ort_session(build.onnx_path("unet"), arena=False)
+    session = ort_session(build.onnx_path("unet"), low_memory=True)
     return [{"latents": session.run(None, feed)[0]} for feed in samples]
 
 

@@ -172,7 +172,7 @@ class OrtCpuBackend(Backend):
 
 def _outputs(model: Path, inputs: dict[str, np.ndarray]) -> dict:
     """The model's output on ``inputs`` and its conditioning sensitivity, then the session is freed."""
-    session = ort_session(model, arena=False)
+    session = ort_session(model, low_memory=True)
 
     def run(feed):
         return session.run(None, feed)[0]

@@ -681,7 +681,7 @@ class QaiHubBackend(Backend):
     def _on_device_check(graph: Graph, inputs: dict[str, list[np.ndarray]], outputs: dict) -> dict:
         """The device's outputs against the exported graph run here (ONNX Runtime CPU, fp32), each
         output by position (compiled outputs may be renamed); the worst one is the graph's figure."""
-        session = ort_session(graph.onnx, arena=False)
+        session = ort_session(graph.onnx, low_memory=True)
         dtypes = {spec["name"]: spec.get("dtype") or "float32" for spec in graph.inputs}
         feeds = [{name: np.asarray(samples[i], dtypes[name]) for name, samples in inputs.items()} for i in range(2)]
         local = [session.run(None, feed) for feed in feeds]

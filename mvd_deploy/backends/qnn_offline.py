@@ -409,7 +409,7 @@ def emulated_check(
     [inputs] = pipeline_inputs(build, component, 1, seed=VALIDATION_SEED)
     output = build.components[component]["outputs"][0]["name"]
     expected, expected_sensitivity = _run_and_sensitivity(
-        [ort_session(build.onnx_path(component), arena=False)], inputs, output
+        [ort_session(build.onnx_path(component), low_memory=True)], inputs, output
     )
     start = time.perf_counter()
     error = None
