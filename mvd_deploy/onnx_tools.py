@@ -301,11 +301,9 @@ def ort_session(path: Path, optimization: str = "basic", optimized_path: Path | 
 
     options = ort.SessionOptions()
     if low_memory:
-        # ORT's buffer-reuse plan keeps a freed buffer allocated until a later tensor of its size
-        # takes it: the full-size UNet held ~3.9 GB beyond 0.81 GB of live tensors. Without the plan
-        # (ORT's arena kept, so freed chunks serve later tensors): exported UNet, one call, 7.92 GB →
-        # 5.20 GB, 42.2 → 30.9 s against the arena off (issue 13). No prepacked copies of the GEMM
-        # weights either (1.3 GiB on the full UNet), no slower for a few calls.
+        # No buffer-reuse plan, as ort_worker.compiled_session says why: exported full-size UNet, one
+        # call, 7.92 GB / 42.2 s with the arena off → 5.20 GB / 30.9 s (issue 13). No prepacked copies
+        # of the GEMM weights either (1.3 GiB on the full UNet), no slower for a few calls.
         options.enable_mem_reuse = False
         options.add_session_config_entry("session.disable_prepacking", "1")
     options.log_severity_level = 3  # warnings about unfoldable nodes are noise here

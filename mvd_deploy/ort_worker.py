@@ -35,8 +35,8 @@ def compiled_session(model: str, threads: int | None = None, profile_prefix: str
     # No buffer-reuse plan: ORT keeps a freed buffer allocated until a later tensor of its size takes
     # it, ~3.9 GB beyond 0.81 GB of live tensors in the full-size UNet. Its arena (kept) serves later
     # tensors from freed chunks instead. Full-size UNet peak RSS / per call, ORT's defaults → arena off
-    # → this (issue 13, this 2-core EPYC): fp32 11.76 → 7.65 → 5.80 GB, ~30 → ~30 → 27-28 s;
-    # int8-static 10.66 → 5.73 → 3.46 GB, 10-13 → ~13 → 11-12 s. Prepacked weights stay on: without
+    # → this (issue 13, this 2-core EPYC): fp32 11.76 → 7.65 → 5.80 GB, 30-35 → 29-33 → 27-28 s;
+    # int8-static 10.66 → 5.73 → 3.46 GB, 10-29 (noisy) → 14-16 → 11-12 s. Prepacked weights stay on: without
     # them int8-static calls measured 18-20 s against 14-16 s (arena off).
     options.enable_mem_reuse = False
     if profile_prefix:
