@@ -45,6 +45,20 @@ def compiled_session(model: str, threads: int | None = None, profile_prefix: str
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started this program. Linux's ru_maxrss keeps the
+    peak of the process it was forked from across exec (a parent with 6.4 GB resident made two
+    different UNets' workers both report 6406.9 MB; issue 13): VmHWM is this address space's own."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # not Linux
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _node_times(trace_path: str) -> list[tuple[str, str, float]]:
     """(node name, op type, ms) of every node in one profiled call, in execution order."""
     events = json.loads(Path(trace_path).read_text())
@@ -76,7 +90,7 @@ def main() -> None:
         latencies.append((time.perf_counter() - start) * 1000)
         bar.update()
     bar.close()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     del session
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -168,6 +168,16 @@ def test_int8_compile_reports_its_psnr_honestly(tiny_build, tmp_path):
     records = json.loads(result.stdout)
     assert list(records) == ["ort-cpu/fp32", "ort-cpu/int8-dynamic", "ort-cpu/int8-static"]
     assert records["ort-cpu/fp32"]["components"]["unet"]["validation"]["psnr_db"] >= 80.0
+    # every attention fused (MultiHeadAttention) in every form: the tiny UNet's are one score map each
+    softmaxes = sum(
+        n.op_type == "Softmax" for n in onnx.load(str(build.onnx_path("unet")), load_external_data=False).graph.node
+    )
+    for key, record in records.items():
+        rewrites = record["components"]["unet"]["rewrites"]
+        assert rewrites["attention"] == {"fused": softmaxes, "softmax_left": 0}, key
+        assert rewrites["gelu_fused"] > 0 and rewrites["conv_inputs_isolated"] > 0, key
+        graph = onnx.load(str(build.path / record["directory"] / "unet.onnx"), load_external_data=False).graph
+        assert sum(n.op_type == "MultiHeadAttention" for n in graph.node) == softmaxes > 0
     [inputs] = pipeline_inputs(build, "unet", 1, seed=VALIDATION_SEED)
     exported = run_onnx(build.onnx_path("unet"), inputs)
     manifest = json.loads((build.path / "build.json").read_text())
@@ -256,6 +266,20 @@ def test_profile_json(compiled_build):
         sum(c["latency_ms"]["p50"] for c in profile["components"].values()), abs=1e-3
     )
     assert json.loads((build / "profiles" / "ort-cpu-fp32.json").read_text()) == profile
+
+
+def test_profile_worker_reports_its_own_peak_memory(tiny_compiled_build, tmp_path):
+    """Not its parent's: Linux keeps the forking process's ru_maxrss across exec."""
+    import subprocess
+    import sys
+
+    ballast = np.ones(2**28)  # 2 GiB resident in the parent (this test process)
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, **Build(tiny_compiled_build).random_inputs("decoder", VALIDATION_SEED))
+    model = tiny_compiled_build / "compiled" / "ort-cpu" / "fp32" / "decoder.onnx"
+    command = [sys.executable, "-m", "mvd_deploy.ort_worker", str(model), str(inputs), "1", "1"]
+    measured = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    assert 0 < measured["peak_memory_mb"] < 1024 < ballast.nbytes / 2**20  # the tiny decoder: ~100 MB
 
 
 def test_compiled_nodes_are_named_by_the_module_that_made_them():

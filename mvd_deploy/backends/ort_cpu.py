@@ -1,10 +1,11 @@
 """ONNX Runtime CPU: the fully public fallback target.
 
-compile: ONNX Runtime's offline graph optimisation (level "extended": fusions that stay portable
-across CPUs) saved as the compiled model; optionally int8 first (onnxruntime.quantization): dynamic
-(MatMul/Gemm), or static (convolutions with activation ranges calibrated on inputs drawn from the
-pipeline, then MatMul/Gemm dynamic). Every compiled component is re-validated against the build's
-exported model.
+compile: the export rewritten for ONNX Runtime (ort_graph.py: every attention as its
+MultiHeadAttention, flash attention with no score maps; GELU fused; convolutions with inputs of their own);
+optionally int8 (onnxruntime.quantization): dynamic (MatMul/Gemm), or static (convolutions with
+activation ranges calibrated on inputs drawn from the pipeline, then MatMul/Gemm dynamic); then ONNX
+Runtime's offline graph optimisation (level "extended": fusions that stay portable across CPUs) saved
+as the compiled model. Every compiled component is re-validated against the build's exported model.
 
 profile: each component in its own worker process (so its peak memory is its own): load time,
 warm-up, N timed calls, and one profiled call for the op table.
@@ -33,6 +34,7 @@ from mvd_deploy.backends.base import (
     new_profile,
 )
 from mvd_deploy.backends.inputs import VALIDATION_SEED, pipeline_inputs
+from mvd_deploy.backends.ort_graph import rewritten_for_ort
 from mvd_deploy.build import Build
 from mvd_deploy.calibration import calibrate_min_max, calibration_reader
 from mvd_deploy.errors import MvdError
@@ -116,16 +118,16 @@ class OrtCpuBackend(Backend):
         return record
 
     def _compile_component(self, build: Build, name: str, form: str, staged: Path, options, threshold, references):
-        source = build.onnx_path(name)
         target = staged / f"{name}.onnx"
-        if form.startswith("int8"):
-            quantized = staged / "quantized" / f"{name}.onnx"
-            quantized.parent.mkdir(exist_ok=True)
-            _quantize(build, name, form, source, quantized, options)
-            source = quantized
-        ort_session(source, optimization="extended", optimized_path=target)  # writes the compiled model
-        if source.parent.name == "quantized":
-            shutil.rmtree(source.parent)
+        # the export rewritten for ORT's CPU kernels (ort_graph.py), int8, then ORT's own fusions
+        with rewritten_for_ort(build.onnx_path(name)) as (source, rewrites):
+            if form.startswith("int8"):
+                quantized = staged / "quantized" / f"{name}.onnx"
+                quantized.parent.mkdir(exist_ok=True)
+                _quantize(build, name, form, source, quantized, options)
+                source = quantized
+            ort_session(source, optimization="extended", optimized_path=target)  # writes the compiled model
+        shutil.rmtree(staged / "quantized", ignore_errors=True)
         # Re-validate against the build's exported model, on fixed inputs such as the pipeline makes
         # (calibration draws other samples from the same distribution).
         if name not in references:
@@ -141,7 +143,13 @@ class OrtCpuBackend(Backend):
             validation["conditioning_sensitivity"] = {"reference": sensitivity[0], "compiled": sensitivity[1]}
         require_psnr(validation, where=f"{name} ({self.name} {form})", consequence="the compiled form was not written")
         files = sorted(p.name for p in staged.iterdir() if p.name.startswith(f"{name}."))
-        return {"onnx": f"{name}.onnx", "files": files, "ops": _op_counts(target), "validation": validation}
+        return {
+            "onnx": f"{name}.onnx",
+            "files": files,
+            "ops": _op_counts(target),
+            "rewrites": rewrites,
+            "validation": validation,
+        }
 
     def profile(self, build: Build, targets: list, form: str | None, runs: int) -> list[dict]:
         return [self._profile_form(build, form or target.form, runs) for target in targets]
