@@ -389,7 +389,7 @@ def rewritten_for_ort(source: Path) -> Iterator[tuple[Path, dict]]:
 def rewrite_for_ort(source: Path, out: Path) -> dict:
     """Write ``source`` rewritten (see the module) to ``out`` in the same directory (the weights file
     stays shared); returns {"attention": {"fused": attentions fused, "softmax_left": softmaxes not
-    fused}, "conv_inputs_isolated": convolutions given an input of their own}."""
+    fused}, "gelu_fused": GELUs fused, "conv_inputs_isolated": convolutions given an input of their own}."""
     import onnx
     from onnx import helper
 
