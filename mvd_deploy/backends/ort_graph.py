@@ -68,6 +68,7 @@ class _Graph:
             for name in node.input:
                 self.consumers[name].append(node)
         self.initializers = {t.name: t for t in graph.initializer}
+        self.outputs = {o.name for o in graph.output}
         self.dims = {}
         for info in [*graph.value_info, *graph.input, *graph.output]:
             tensor_type = info.type.tensor_type
@@ -101,8 +102,7 @@ class _Graph:
 
     def sole_consumer(self, name: str):
         users = self.consumers.get(name, [])
-        outputs = {o.name for o in self.model.graph.output}
-        return users[0] if len(users) == 1 and name not in outputs else None
+        return users[0] if len(users) == 1 and name not in self.outputs else None
 
     def scalar(self, node) -> tuple[str, float] | None:
         """(the other input, the factor) of a Mul by a one-element constant."""
@@ -188,7 +188,11 @@ def _view(g: _Graph, root: str, steps) -> np.ndarray | None:
     shape = g.shape(root)
     if shape is None or len(shape) != 3:
         return None
-    x = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
+    return _replay_chain(g, steps, np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape))
+
+
+def _replay_chain(g: _Graph, steps, x: np.ndarray) -> np.ndarray | None:
+    """``x`` through each (node, output index) of ``steps``; None where a step is not a fixed view."""
     for node, index in steps:
         if not _fixed(g, node):
             return None
@@ -319,21 +323,15 @@ def _merged_heads(g: _Graph, output: str, expected: np.ndarray, target: np.ndarr
     """Follow ``output`` forward through sole-consumer view ops until the elements sit as the merged
     heads (batch, tokens, heads·head_dim) do: that tensor's name, or None."""
     x, name = expected, output
-    while True:
-        if x.shape == target.shape and np.array_equal(x, target):
-            return name
+    while not (x.shape == target.shape and np.array_equal(x, target)):
         node = g.sole_consumer(name)
         if node is None or node.op_type not in _VIEW_OPS - {"Split"}:
             return None
-        if not _fixed(g, node):
-            return None
-        try:
-            x = _replay(g, node, 0, x)
-        except (ValueError, IndexError, TypeError):
-            return None
+        x = _replay_chain(g, [(node, 0)], x)
         if x is None:
             return None
         name = node.output[0]
+    return name
 
 
 def _attentions(g: _Graph):
@@ -359,12 +357,11 @@ def _attentions(g: _Graph):
         seen.update(p.output for p in group)
         same = {(p.query, p.key, p.value, p.heads, p.scale, p.kind) for p in group}
         ends = [p.rows for p in group]
-        tokens = g.shape(piece.query)[1]
+        batch, tokens, _ = g.shape(piece.query)
         if len(same) != 1 or ends[0][0] != 0 or ends[-1][1] != tokens:
             continue
         if any(a[1] != b[0] for a, b in zip(ends, ends[1:], strict=False)):
             continue
-        batch, tokens, _ = g.shape(piece.query)
         hidden_v = g.shape(piece.value)[2]
         # each output element's place in the merged heads (batch, tokens, heads·head_dim)
         labels = _heads((batch, tokens, hidden_v), piece.heads, piece.kind)
