@@ -206,7 +206,7 @@ def summarize_chain(raw: dict) -> list[dict]:
     for case, run, goal_s, goal_ratio in (
         ("init-checkpoint mobilevd", init, 120, 2.0),
         ("passes (all, each checked) on the mobilevd checkpoint", passes, 60, 1.3),
-        ("export (passes, ONNX, simplify, check, validate; unet+decoder)", export, 90, 1.3),
+        ("export (passes, ONNX, simplify, check, validate; all four components)", export, 90, 1.3),
         ("compile ort-cpu fp32 + int8-dynamic (each re-validated)", compile_, None, None),
     ):
         rows.append(

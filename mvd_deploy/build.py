@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,36 @@ def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+class BackgroundHashes:
+    """sha256, size and mtime of each of ``paths`` (by file name; a manifest's ``files`` entry) on a
+    daemon thread, while the caller goes on: hashlib releases the GIL, so hashing takes a second core
+    beside loading and compute instead of time after them."""
+
+    def __init__(self, paths: list[Path]):
+        self._entries: dict[str, dict] = {}
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, args=(paths,), name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self, paths: list[Path]) -> None:
+        try:
+            for path in paths:
+                stat = path.stat()
+                self._entries[path.name] = {
+                    "sha256": sha256_file(path),
+                    "bytes": stat.st_size,
+                    "mtime_ns": stat.st_mtime_ns,
+                }
+        except OSError as e:
+            self._error = e
+
+    def result(self) -> dict[str, dict]:
+        self._thread.join()
+        if self._error is not None:
+            raise MvdError(f"{self._error.filename}: cannot read ({self._error.strerror})")
+        return self._entries
 
 
 @dataclass(frozen=True)

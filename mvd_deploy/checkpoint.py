@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -96,15 +97,20 @@ def load_checkpoint(path: str | Path) -> tuple[MobileVDUNet, CheckpointInfo]:
     return model.eval(), info
 
 
-def load_encoders(info: CheckpointInfo) -> dict[str, torch.nn.Module]:
-    """The checkpoint's conditioning encoders ({} when it has none), eval mode, CPU."""
+def load_encoders(info: CheckpointInfo, *, without_weights: Collection[str] = ()) -> dict[str, torch.nn.Module]:
+    """The checkpoint's conditioning encoders ({} when it has none), eval mode, CPU. Those named in
+    ``without_weights`` stay on the meta device, their weights unread: structure, shapes and FLOPs only
+    (an export of other components; the full-size CLIP encoder is 2.5 GB)."""
     if info.spec.image_encoder is None:
         return {}
     image_encoder = ImageEncoder.build(info.spec.image_encoder, device="meta")
-    load_weights(info.path / ENCODER_WEIGHTS["image_encoder"], image_encoder.clip, info.dtype)
+    if "image_encoder" not in without_weights:
+        load_weights(info.path / ENCODER_WEIGHTS["image_encoder"], image_encoder.clip, info.dtype)
+        image_encoder.restore_buffers()
     vae_encoder = VAEEncoder.build(info.spec.vae, device="meta")
-    load_weights(info.path / ENCODER_WEIGHTS["vae_encoder"], vae_encoder, info.dtype)
-    return {"image_encoder": image_encoder.restore_buffers().eval(), "vae_encoder": vae_encoder.eval()}
+    if "vae_encoder" not in without_weights:
+        load_weights(info.path / ENCODER_WEIGHTS["vae_encoder"], vae_encoder, info.dtype)
+    return {"image_encoder": image_encoder.eval(), "vae_encoder": vae_encoder.eval()}
 
 
 def _encoder_states(encoders: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:

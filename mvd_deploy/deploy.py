@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,16 +60,19 @@ def deploy_checkpoint(
     check: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
     recipe: str | Path | None = None,
+    without_weights: Collection[str] = (),
 ) -> Deployment:
     """Load ``checkpoint`` (deployed as ``recipe`` says, when given) and run the deploy passes: ``passes``,
     else the checkpoint's (or recipe's) ``deploy_passes``, else all; ``keep_conditioning_inputs`` leaves
-    out fold_conditioning. ``check`` proves each exact pass kept the outputs to ``tolerance``."""
+    out fold_conditioning. ``check`` proves each exact pass kept the outputs to ``tolerance``. Conditioning
+    encoders named in ``without_weights`` are built without reading their weights (:func:`load_encoders`)."""
     stages = Stages(2, logger, name="deploy")
     with stages.stage(f"load {checkpoint}"):
         unet, info = load_checkpoint(checkpoint)
         if recipe is not None:
             unet.spec = info.spec = with_recipe(info.spec, recipe)
-        encoders = load_encoders(info)  # the conditioning encoders are deployed as they are
+        # the conditioning encoders are deployed as they are
+        encoders = load_encoders(info, without_weights=without_weights)
     options = PassOptions(taesd_dir=Path(taesd_dir) if taesd_dir else None, decoder_seed=decoder_seed)
     deploy_passes = _make_passes(info, passes, keep_conditioning_inputs, options, recipe)
     pipeline = DeployPipeline(unet, **encoders)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvd_deploy.build import BUILD_FORMAT, MANIFEST, Build, sha256_file
+from mvd_deploy.build import BUILD_FORMAT, MANIFEST, BackgroundHashes, Build
 from mvd_deploy.checkpoint import CONFIG_FILE, ENCODER_WEIGHTS, WEIGHTS_FILE
 from mvd_deploy.deploy import Deployment, deploy_checkpoint
 from mvd_deploy.errors import MvdError, ValidationFailed
@@ -110,6 +110,9 @@ def export_build(
     out = check_output_dir(Path(out))
     threshold = MIN_PSNR_DB[precision] if min_psnr_db is None else min_psnr_db
     start = time.perf_counter()
+    # The checkpoint's hashes (provenance, 8.9 GB at full size: ~6 s) on a thread beside the load and passes.
+    checkpoint_files = [Path(checkpoint) / f for f in (CONFIG_FILE, WEIGHTS_FILE, *ENCODER_WEIGHTS.values())]
+    checkpoint_sha256 = BackgroundHashes([f for f in checkpoint_files if f.is_file()])
 
     deployment = deploy_checkpoint(
         checkpoint,
@@ -117,6 +120,8 @@ def export_build(
         taesd_dir=taesd_dir,
         decoder_seed=decoder_seed,
         recipe=recipe,
+        # an encoder not exported is not read (the full-size CLIP encoder: 2.5 GB, ~4 s)
+        without_weights=[n for n in ("image_encoder", "vae_encoder") if components and n not in components],
     )
     pipeline = deployment.pipeline
     available = list(pipeline.components())
@@ -128,9 +133,11 @@ def export_build(
                 parameter="components",
             )
     manifest = _manifest(checkpoint, recipe, precision, deployment, taesd_dir=taesd_dir, decoder_seed=decoder_seed)
+    manifest["checkpoint_sha256"] = {name: entry["sha256"] for name, entry in checkpoint_sha256.result().items()}
     # Inputs and FLOPs first: each component's PyTorch model is freed once it is exported.
     inputs = {name: component_inputs(pipeline, name) for name in components}
-    flops = {name: pipeline.flops(name) for name in components}
+    counted = {r.component: r.flops_after for r in deployment.passes}  # as the last pass on each left it
+    flops = {name: counted[name] if name in counted else pipeline.flops(name) for name in components}
     # Components not exported are freed now, not at exit: the UNet's ORT validation is the export's peak,
     # and a CLIP image encoder left beside it adds 2.5 GB (full size) to it.
     for name in available:
@@ -138,12 +145,16 @@ def export_build(
             setattr(pipeline, name, None)
     release_memory()
     with atomic_output_dir(out) as tmp:
+        written = []
         for name in components:
             record = _export_component(pipeline, name, inputs[name], precision, threshold, tmp)
             manifest["components"][name] = record | {"flops": flops[name]}
+            # hashed while the next component exports; save_manifest keeps an entry whose size and mtime match
+            written.append(BackgroundHashes([tmp / f for f in (record["onnx"], record["data"]) if f]))
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
+        manifest["files"] = {name: entry for hashes in written for name, entry in hashes.result().items()}
         write_json(tmp / MANIFEST, manifest)
-        Build(tmp).save_manifest()  # with every file's sha256 and size
+        Build(tmp).save_manifest()  # every file's sha256 and size
     return Build(out)
 
 
@@ -174,11 +185,7 @@ def _manifest(
         "pipeline": contract_of(pipeline).to_dict() if pipeline.image_encoder is not None else None,
         "decoder_source": {"taesd_dir": str(taesd_dir) if taesd_dir else None, "decoder_seed": decoder_seed},
         "video": spec.mobilevd.video.__dict__,
-        "checkpoint_sha256": {
-            f: sha256_file(Path(checkpoint) / f)
-            for f in (CONFIG_FILE, WEIGHTS_FILE, *ENCODER_WEIGHTS.values())
-            if (Path(checkpoint) / f).is_file()
-        },
+        "checkpoint_sha256": None,  # export_build's, hashed beside the load
         "recipe_sha256": hashlib.sha256(recipe_file(recipe).read_bytes()).hexdigest() if recipe else None,
         "stages": stage_table(spec),
         "passes": [r.to_dict() for r in deployment.passes],

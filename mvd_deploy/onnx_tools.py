@@ -305,6 +305,7 @@ def ort_session(path: Path, optimization: str = "basic", optimized_path: Path | 
         # call, 7.92 GB / 42.2 s with the arena off → 5.20 GB / 30.9 s (issue 13). No prepacked copies
         # of the GEMM weights either (1.3 GiB on the full UNet), no slower for a few calls.
         options.enable_mem_reuse = False
+        options.enable_mem_pattern = False  # nor a second-call block beside the arena (ort_worker.compiled_session)
         options.add_session_config_entry("session.disable_prepacking", "1")
     options.log_severity_level = 3  # warnings about unfoldable nodes are noise here
     options.graph_optimization_level = {

@@ -39,6 +39,10 @@ def compiled_session(model: str, threads: int | None = None, profile_prefix: str
     # int8-static 10.66 → 5.73 → 3.46 GB, 10-29 (noisy) → 14-16 → 11-12 s. Prepacked weights stay on: without
     # them int8-static calls measured 18-20 s against 14-16 s (arena off).
     options.enable_mem_reuse = False
+    # No memory pattern either: from the second call ORT would pre-allocate the first call's allocations
+    # as one block beside the arena's chunks. Full-size UNet, peak RSS over 3 calls with it → without
+    # (same per-call times, issue 13): fp32 5.21 → 4.41 GiB, int8-dynamic 4.41 → 3.61, int8-static 3.07 → 2.01.
+    options.enable_mem_pattern = False
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix

@@ -122,6 +122,31 @@ def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_of_one_component_reads_only_its_weights_and_records_what_a_full_export_does(
+    tiny_build, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """An encoder not exported is never read; FLOPs come from the pass log (or a count), hashes from a
+    thread beside the work: all as a full export records them, and the hashes are the files' own."""
+    import mvd_deploy.checkpoint as checkpoint
+    from mvd_deploy.build import sha256_file
+    from mvd_deploy.deploy import deploy_checkpoint
+
+    read = []
+    real_load = checkpoint.load_weights
+    monkeypatch.setattr(checkpoint, "load_weights", lambda path, *a: read.append(path.name) or real_load(path, *a))
+    manifest = export_build(tiny_checkpoint, out=tmp_path / "b", components="vae_encoder").manifest
+    assert read == ["unet.safetensors", "vae_encoder.safetensors"]  # not the image encoder's
+    full = json.loads((tiny_build / "build.json").read_text())
+    assert manifest["checkpoint_sha256"] == full["checkpoint_sha256"]
+    assert set(manifest["checkpoint_sha256"]) == {p.name for p in tiny_checkpoint.iterdir()}
+    assert manifest["components"]["vae_encoder"]["flops"] == full["components"]["vae_encoder"]["flops"] > 0
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256_file(tmp_path / "b" / name) and entry["bytes"] > 0
+    pipeline = deploy_checkpoint(tiny_checkpoint, check=False).pipeline  # counted afresh, not from the pass log
+    for name, component in full["components"].items():
+        assert component["flops"] == pipeline.flops(name) > 0, name
+
+
 def test_export_refusals(tiny_checkpoint, tmp_path):
     runner = CliRunner()
     cases = [
