@@ -147,6 +147,19 @@ def test_export_of_one_component_reads_only_its_weights_and_records_what_a_full_
         assert component["flops"] == pipeline.flops(name) > 0, name
 
 
+def test_background_hashes_are_the_files_own_and_a_missing_file_is_named(tmp_path):
+    from mvd_deploy.build import BackgroundHashes, sha256_file
+
+    files = [tmp_path / "a.data", tmp_path / "b.onnx"]
+    for i, path in enumerate(files):
+        path.write_bytes(bytes(range(256)) * (1000 + i))
+    entries = BackgroundHashes(files).result()
+    assert {name: e["sha256"] for name, e in entries.items()} == {p.name: sha256_file(p) for p in files}
+    assert [entries[p.name]["bytes"] for p in files] == [256000, 256256]
+    with pytest.raises(MvdError, match=r"missing\.data: cannot read"):
+        BackgroundHashes([files[0], tmp_path / "missing.data"]).result()
+
+
 def test_export_refusals(tiny_checkpoint, tmp_path):
     runner = CliRunner()
     cases = [
