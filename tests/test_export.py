@@ -214,8 +214,11 @@ def test_int8_compile_reports_its_psnr_honestly(tiny_build, tmp_path):
         rewrites = record["components"]["unet"]["rewrites"]
         assert rewrites["attention"] == {"fused": softmaxes, "softmax_left": 0}, key
         assert rewrites["gelu_fused"] > 0 and rewrites["conv_inputs_isolated"] > 0, key
+        assert rewrites["geglu_split"] == rewrites["gelu_fused"], key  # every feed-forward of the UNet is a GEGLU
         graph = onnx.load(str(build.path / record["directory"] / "unet.onnx"), load_external_data=False).graph
         assert sum(n.op_type == "MultiHeadAttention" for n in graph.node) == softmaxes > 0
+        assert not any(n.op_type == "Split" and n.name.startswith("node_Split") for n in graph.node), key
+    assert not list(build.path.glob(".*ort-cpu*"))  # the rewritten model and its halves' weights are gone
     [inputs] = pipeline_inputs(build, "unet", 1, seed=VALIDATION_SEED)
     exported = run_onnx(build.onnx_path("unet"), inputs)
     manifest = json.loads((build.path / "build.json").read_text())

@@ -98,7 +98,12 @@ def test_shared_convolution_inputs_get_their_own_and_quantize(tmp_path):
     source = tmp_path / "model.onnx"
     export_onnx(SharedConvInput().eval(), inputs, "out", source)
     result = rewrite_for_ort(source, tmp_path / "rewritten.onnx")
-    assert result == {"attention": {"fused": 0, "softmax_left": 0}, "gelu_fused": 0, "conv_inputs_isolated": 1}
+    assert result == {
+        "attention": {"fused": 0, "softmax_left": 0},
+        "gelu_fused": 0,
+        "conv_inputs_isolated": 1,
+        "geglu_split": 0,
+    }
     feed = {"sample": inputs["sample"].numpy()}
     np.testing.assert_array_equal(run_onnx(tmp_path / "rewritten.onnx", feed), run_onnx(source, feed))
 
@@ -128,7 +133,8 @@ def test_shared_convolution_inputs_get_their_own_and_quantize(tmp_path):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_exported_gelu_fuses_to_one_equal_node(approximate, tmp_path):
     """diffusers' GEGLU (the UNet's feed-forward): erf GELU becomes com.microsoft.Gelu; the tanh
-    approximation is another function and stays as exported."""
+    approximation is another function and stays as exported. Either way the projection is computed as
+    its two halves (no Split), by the weight's own column halves."""
     from diffusers.models.activations import GEGLU
 
     torch.manual_seed(0)
@@ -143,6 +149,15 @@ def test_exported_gelu_fuses_to_one_equal_node(approximate, tmp_path):
     assert result["gelu_fused"] == int(fused)
     ops = [n.op_type for n in onnx.load(str(tmp_path / "rewritten.onnx"), load_external_data=False).graph.node]
     assert ops.count("Gelu") == int(fused) and "Erf" not in ops and ("Tanh" in ops) == (not fused)
+    assert result["geglu_split"] == 1 and "Split" not in ops and ops.count("MatMul") == 2
+    halves = {
+        t.name: onnx.numpy_helper.to_array(t, base_dir=str(tmp_path))
+        for t in onnx.load(str(tmp_path / "rewritten.onnx"), load_external_data=False).graph.initializer
+        if "/half" in t.name
+    }
+    weight = geglu.proj.weight.detach().numpy().T  # (in, 2·inner): hidden's columns, then the gate's
+    assert sorted(h.shape for h in halves.values()) == [(32, 64), (32, 64), (64,), (64,)]
+    np.testing.assert_array_equal(np.hstack([halves[n] for n in sorted(halves) if halves[n].ndim == 2]), weight)
     feed = {"hidden_states": inputs["hidden_states"].numpy()}
     expected, actual = run_onnx(source, feed), run_onnx(tmp_path / "rewritten.onnx", feed)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)

@@ -24,6 +24,12 @@ a skip connection or a norm (downsamplers, the up blocks' 1×1 shortcuts: 18 of 
 66), ORT then cannot fuse the pair into QLinearConv — the convolution stays float behind a Q/DQ round
 trip — and the other consumers get the rounded tensor. An Identity in front of each such convolution
 keeps the pair its own; ORT's optimiser removes the Identity from the float forms.
+
+**GEGLU projections in two halves.** The feed-forward's projection makes one (tokens, 2·inner) tensor
+and a Split copies out its halves (hidden, gate): the full-size UNet's widest tensors, 294 MB and two
+of 147 MB alive together. Two projections by the weight's column halves give the halves directly (the
+same products, the same weight bytes): no copy, and a lower peak. The halves' weights are the one thing
+written (``<out>.data`` beside the rewritten model); every other weight stays where the export put it.
 """
 
 from __future__ import annotations
@@ -381,12 +387,14 @@ def rewritten_for_ort(source: Path) -> Iterator[tuple[Path, dict]]:
         yield rewritten, rewrite_for_ort(source, rewritten)
     finally:
         rewritten.unlink(missing_ok=True)
+        rewritten.with_suffix(".data").unlink(missing_ok=True)
 
 
 def rewrite_for_ort(source: Path, out: Path) -> dict:
     """Write ``source`` rewritten (see the module) to ``out`` in the same directory (the weights file
     stays shared); returns {"attention": {"fused": attentions fused, "softmax_left": softmaxes not
-    fused}, "gelu_fused": GELUs fused, "conv_inputs_isolated": convolutions given an input of their own}."""
+    fused}, "gelu_fused": GELUs fused, "conv_inputs_isolated": convolutions given an input of their own,
+    "geglu_split": projections computed as two halves}."""
     import onnx
     from onnx import helper
 
@@ -413,6 +421,14 @@ def rewrite_for_ort(source: Path, out: Path) -> dict:
     nodes = list(model.graph.node)
     for old, new in replaced + gelus:
         nodes[nodes.index(old)] = new
+    splits = list(_geglu_projections(g))
+    if splits:
+        with open(out.with_suffix(".data"), "wb") as data:
+            for matmul, add, split in splits:
+                index = nodes.index(split)
+                nodes[index : index + 1] = _projection_halves(
+                    g, matmul, add, split, data, out.with_suffix(".data").name
+                )
     nodes = _live(model.graph, nodes)
     isolated = _isolate_conv_inputs(model.graph, nodes)
     del model.graph.node[:]
@@ -427,18 +443,79 @@ def rewrite_for_ort(source: Path, out: Path) -> dict:
     left = sum(node.op_type == "Softmax" for node in model.graph.node)
     logger.info(
         "%d attentions fused into MultiHeadAttention (%d of %d softmaxes left), %d GELUs into Gelu; "
-        "%d convolutions given their own input",
+        "%d convolutions given their own input; %d GEGLU projections in two halves",
         len(replaced),
         left,
         softmaxes,
         len(gelus),
         isolated,
+        len(splits),
     )
     return {
         "attention": {"fused": len(replaced), "softmax_left": left},
         "gelu_fused": len(gelus),
         "conv_inputs_isolated": isolated,
+        "geglu_split": len(splits),
     }
+
+
+def _geglu_projections(g: _Graph):
+    """(MatMul, Add, Split) of every x·W + b (W, b initializers) split in two equal halves along its
+    last axis and read by nothing else."""
+    for split in g.model.graph.node:
+        if split.op_type != "Split" or len(split.output) != 2:
+            continue
+        add = g.producer.get(split.input[0])
+        if add is None or add.op_type != "Add" or g.sole_consumer(add.output[0]) is not split:
+            continue
+        matmul = next((g.producer.get(i) for i in add.input if g.producer.get(i) is not None), None)
+        if matmul is None or matmul.op_type != "MatMul" or g.sole_consumer(matmul.output[0]) is not add:
+            continue
+        weight, bias = g.initializers.get(matmul.input[1]), g.initializers.get(_other(add, matmul.output[0]))
+        shape = g.shape(split.input[0])
+        if weight is None or bias is None or len(weight.dims) != 2 or list(bias.dims) != [weight.dims[1]]:
+            continue
+        width = weight.dims[1]
+        sizes = g.constant(split.input[1]) if len(split.input) > 1 and split.input[1] else None
+        halves = [width // 2] * 2 if sizes is None else [int(n) for n in sizes.reshape(-1)]
+        if (
+            shape is None
+            or _attr(split, "axis", 0) % len(shape) != len(shape) - 1
+            or width % 2
+            or halves != [width // 2] * 2
+        ):
+            continue
+        yield matmul, add, split
+
+
+def _projection_halves(g: _Graph, matmul, add, split, data, location: str) -> list:
+    """x·W + b as two projections by W's and b's column halves, giving ``split``'s outputs; the halves'
+    values are appended to ``data`` (the file ``location`` names)."""
+    from onnx import external_data_helper, helper, numpy_helper
+
+    weight, bias = g.initializers[matmul.input[1]], g.initializers[_other(add, matmul.output[0])]
+    w = numpy_helper.to_array(weight, base_dir=str(g.base_dir))
+    b = numpy_helper.to_array(bias, base_dir=str(g.base_dir))
+    half = w.shape[1] // 2
+    nodes = []
+    for part, (columns, output) in enumerate(zip((slice(0, half), slice(half, None)), split.output, strict=True)):
+        names = [f"{weight.name}/half{part}", f"{bias.name}/half{part}"]
+        for name, value in zip(names, (w[:, columns], b[columns]), strict=True):
+            tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+            offset = -data.tell() % 4096 + data.tell()  # page-aligned, so ORT can map it
+            data.seek(offset)
+            data.write(tensor.raw_data)
+            external_data_helper.set_external_data(tensor, location, offset, len(tensor.raw_data))
+            tensor.ClearField("raw_data")
+            g.model.graph.initializer.append(tensor)
+        product = f"{matmul.output[0]}/half{part}"
+        for node in (
+            helper.make_node("MatMul", [matmul.input[0], names[0]], [product], name=f"{matmul.name}/half{part}"),
+            helper.make_node("Add", [product, names[1]], [output], name=f"{add.name}/half{part}"),
+        ):
+            node.metadata_props.extend(matmul.metadata_props)
+            nodes.append(node)
+    return nodes
 
 
 def _gelus(g: _Graph):
