@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -40,6 +39,7 @@ from mvd_deploy.build import Build
 from mvd_deploy.deploy import deploy_checkpoint
 from mvd_deploy.device_profiles import Chipset, resolve_target
 from mvd_deploy.errors import MvdError
+from mvd_deploy.metrics import peak_rss_mb
 from mvd_deploy.ort_worker import compiled_session
 from mvd_deploy.pipeline import PipelineContract, load_image, make_inputs, run_pipeline, run_reference
 from mvd_deploy.progress import Stages
@@ -171,10 +171,6 @@ def write_video(frames: np.ndarray, fps: int, out: Path, frames_dir: Path | None
     return written
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def generate_video(
     build_dir: str | Path,
     *,
@@ -211,7 +207,7 @@ def generate_video(
             runner = ort_runner(build, record, seconds)
         result = run_pipeline(runner, inputs, contract)
     # the deployed pipeline's own peak, before the PyTorch reference (if any) loads the checkpoint
-    pipeline_peak_mb = _peak_rss_mb()
+    pipeline_peak_mb = peak_rss_mb()
     frames = to_uint8(result.frames)
     report = {
         "build": str(build.path),
@@ -235,7 +231,7 @@ def generate_video(
         report["written"] = write_video(frames, contract.fps, out, frames_dir)
     report["peak_rss_mb"] = round(pipeline_peak_mb, 1)
     if reference:
-        report["reference"]["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+        report["reference"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return report
 
 

@@ -8,7 +8,6 @@ With --progress, a bar on stderr counts the warm-up and timed calls (seconds eac
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -18,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from mvd_deploy.metrics import latency_summary
+from mvd_deploy.metrics import latency_summary, peak_rss_mb
 
 WARMUP = 2
 
@@ -47,20 +46,6 @@ def compiled_session(model: str, threads: int | None = None, profile_prefix: str
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since it started this program. Linux's ru_maxrss keeps the
-    peak of the process it was forked from across exec (a parent with 6.4 GB resident made two
-    different UNets' workers both report 6406.9 MB; issue 13): VmHWM is this address space's own."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:  # not Linux
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _node_times(trace_path: str) -> list[tuple[str, str, float]]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
 import sys
 import time
 from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
+
+from mvd_deploy.metrics import peak_rss_mb
 
 PACKAGE_LOGGER = "mvd_deploy"
 
@@ -81,7 +82,7 @@ def _memory() -> str:
     """With MVD_TRACE_MEMORY=1: resident and peak memory after each stage (for finding peaks)."""
     if not os.environ.get("MVD_TRACE_MEMORY"):
         return ""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_rss_mb() / 2**10
     with open("/proc/self/statm") as f:
         rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
     return f" (RSS {rss:.2f} GiB, peak {peak:.2f} GiB)"
