@@ -132,8 +132,15 @@ def export_build(
                 f"components: {name!r} is not in this deployment (its passes make {', '.join(available)})",
                 parameter="components",
             )
-    manifest = _manifest(checkpoint, recipe, precision, deployment, taesd_dir=taesd_dir, decoder_seed=decoder_seed)
-    manifest["checkpoint_sha256"] = {name: entry["sha256"] for name, entry in checkpoint_sha256.result().items()}
+    manifest = _manifest(
+        checkpoint,
+        recipe,
+        precision,
+        deployment,
+        taesd_dir=taesd_dir,
+        decoder_seed=decoder_seed,
+        checkpoint_sha256={name: entry["sha256"] for name, entry in checkpoint_sha256.result().items()},
+    )
     # Inputs and FLOPs first: each component's PyTorch model is freed once it is exported.
     inputs = {name: component_inputs(pipeline, name) for name in components}
     counted = {r.component: r.flops_after for r in deployment.passes}  # as the last pass on each left it
@@ -166,6 +173,7 @@ def _manifest(
     *,
     taesd_dir: str | Path | None,
     decoder_seed: int,
+    checkpoint_sha256: dict[str, str],
 ) -> dict:
     """The build manifest before any component is exported: where it came from, Table 8, the pass log,
     and what an app needs to run the components as a pipeline."""
@@ -185,7 +193,7 @@ def _manifest(
         "pipeline": contract_of(pipeline).to_dict() if pipeline.image_encoder is not None else None,
         "decoder_source": {"taesd_dir": str(taesd_dir) if taesd_dir else None, "decoder_seed": decoder_seed},
         "video": spec.mobilevd.video.__dict__,
-        "checkpoint_sha256": None,  # export_build's, hashed beside the load
+        "checkpoint_sha256": checkpoint_sha256,
         "recipe_sha256": hashlib.sha256(recipe_file(recipe).read_bytes()).hexdigest() if recipe else None,
         "stages": stage_table(spec),
         "passes": [r.to_dict() for r in deployment.passes],

@@ -1,7 +1,8 @@
 """ONNX Runtime CPU: the fully public fallback target.
 
 compile: the export rewritten for ONNX Runtime (ort_graph.py: every attention as its
-MultiHeadAttention, flash attention with no score maps; GELU fused; convolutions with inputs of their own);
+MultiHeadAttention, flash attention with no score maps; GELU fused; convolutions with inputs of their own;
+feed-forward projections in halves);
 optionally int8 (onnxruntime.quantization): dynamic (MatMul/Gemm), or static (convolutions with
 activation ranges calibrated on inputs drawn from the pipeline, then MatMul/Gemm dynamic); then ONNX
 Runtime's offline graph optimisation (level "extended": fusions that stay portable across CPUs) saved

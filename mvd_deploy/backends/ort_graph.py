@@ -426,9 +426,7 @@ def rewrite_for_ort(source: Path, out: Path) -> dict:
         with open(out.with_suffix(".data"), "wb") as data:
             for matmul, add, split in splits:
                 index = nodes.index(split)
-                nodes[index : index + 1] = _projection_halves(
-                    g, matmul, add, split, data, out.with_suffix(".data").name
-                )
+                nodes[index : index + 1] = _projection_halves(g, matmul, add, split, data)
     nodes = _live(model.graph, nodes)
     isolated = _isolate_conv_inputs(model.graph, nodes)
     del model.graph.node[:]
@@ -468,7 +466,7 @@ def _geglu_projections(g: _Graph):
         add = g.producer.get(split.input[0])
         if add is None or add.op_type != "Add" or g.sole_consumer(add.output[0]) is not split:
             continue
-        matmul = next((g.producer.get(i) for i in add.input if g.producer.get(i) is not None), None)
+        matmul = next((node for node in map(g.producer.get, add.input) if node is not None), None)
         if matmul is None or matmul.op_type != "MatMul" or g.sole_consumer(matmul.output[0]) is not add:
             continue
         weight, bias = g.initializers.get(matmul.input[1]), g.initializers.get(_other(add, matmul.output[0]))
@@ -488,9 +486,9 @@ def _geglu_projections(g: _Graph):
         yield matmul, add, split
 
 
-def _projection_halves(g: _Graph, matmul, add, split, data, location: str) -> list:
+def _projection_halves(g: _Graph, matmul, add, split, data) -> list:
     """x·W + b as two projections by W's and b's column halves, giving ``split``'s outputs; the halves'
-    values are appended to ``data`` (the file ``location`` names)."""
+    values are appended to ``data`` (an open file beside the rewritten model)."""
     from onnx import external_data_helper, helper, numpy_helper
 
     weight, bias = g.initializers[matmul.input[1]], g.initializers[_other(add, matmul.output[0])]
@@ -505,7 +503,7 @@ def _projection_halves(g: _Graph, matmul, add, split, data, location: str) -> li
             offset = -data.tell() % 4096 + data.tell()  # page-aligned, so ORT can map it
             data.seek(offset)
             data.write(tensor.raw_data)
-            external_data_helper.set_external_data(tensor, location, offset, len(tensor.raw_data))
+            external_data_helper.set_external_data(tensor, Path(data.name).name, offset, len(tensor.raw_data))
             tensor.ClearField("raw_data")
             g.model.graph.initializer.append(tensor)
         product = f"{matmul.output[0]}/half{part}"
