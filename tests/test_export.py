@@ -244,6 +244,7 @@ def test_int8_compile_reports_its_psnr_honestly(tiny_build, tmp_path):
         assert ops & {"DynamicQuantizeMatMul", "MatMulInteger"}
         if int8 == "static":  # and nothing else static: softmax, MatMul stay float or dynamic
             assert "QLinearConv" in ops and not ops & {"QLinearMatMul", "QLinearSoftmax", "QLinearMul"}
+            assert "Conv" not in ops  # every convolution static: none left float behind a Q/DQ round trip
         else:
             assert "Conv" in ops and "QLinearConv" not in ops
         record = records[f"ort-cpu/{form}"]

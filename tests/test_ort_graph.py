@@ -103,6 +103,8 @@ def test_shared_convolution_inputs_get_their_own_and_quantize(tmp_path):
         "gelu_fused": 0,
         "conv_inputs_isolated": 1,
         "geglu_split": 0,
+        "row_chunks": [],
+        "expands_broadcast": 0,
     }
     feed = {"sample": inputs["sample"].numpy()}
     np.testing.assert_array_equal(run_onnx(tmp_path / "rewritten.onnx", feed), run_onnx(source, feed))
@@ -161,3 +163,114 @@ def test_exported_gelu_fuses_to_one_equal_node(approximate, tmp_path):
     feed = {"hidden_states": inputs["hidden_states"].numpy()}
     expected, actual = run_onnx(source, feed), run_onnx(tmp_path / "rewritten.onnx", feed)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_wide_feed_forward_runs_in_row_chunks_equal_to_whole(tmp_path, monkeypatch):
+    """A feed-forward wider than ROW_CHUNK_BYTES runs on row slices of its input, each slice
+    through its own copy of the nodes (one set of weights, quantised once), the slices concatenated:
+    the same output as the whole."""
+    from diffusers.models.attention import FeedForward
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from mvd_deploy.backends import ort_graph
+
+    torch.manual_seed(0)
+    ff = FeedForward(32, activation_fn="geglu").eval()  # inner 128: projections 256 wide
+    inputs = {"hidden_states": torch.randn(2, 16, 32)}
+    source = tmp_path / "ff.onnx"
+    export_onnx(ff, inputs, "out", source)
+    simplify_onnx(source)
+    whole = rewrite_for_ort(source, tmp_path / "whole.onnx")
+    assert whole["geglu_split"] == 1 and whole["row_chunks"] == []  # 32 KiB: far below the default
+    monkeypatch.setattr(ort_graph, "ROW_CHUNK_BYTES", 8 << 10)
+    result = rewrite_for_ort(source, tmp_path / "chunked.onnx")
+    assert result["row_chunks"] == [4]  # 2·16 rows × 256 × 4 bytes / 8 KiB; 2 frames < 4: by tokens
+    graph = onnx.load(str(tmp_path / "chunked.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("Slice") == 4 and ops.count("Concat") == 1 and ops.count("MatMul") == 3 * 4
+    assert ops.count("Gelu") == 4
+    feed = {"hidden_states": inputs["hidden_states"].numpy()}
+    expected = run_onnx(source, feed)
+    np.testing.assert_allclose(run_onnx(tmp_path / "chunked.onnx", feed), expected, rtol=1e-5, atol=1e-6)
+    assert psnr_db(run_onnx(tmp_path / "chunked.onnx", feed), run_onnx(tmp_path / "whole.onnx", feed)) >= 100
+
+    weights = {}
+    for name in ("whole", "chunked"):
+        quantized = tmp_path / f"{name}.int8.onnx"
+        quantize_dynamic(tmp_path / f"{name}.onnx", quantized, weight_type=QuantType.QInt8)
+        model = onnx.load(str(quantized))
+        int8 = onnx.TensorProto.INT8
+        weights[name] = sorted(t.name for t in model.graph.initializer if t.data_type == int8 and len(t.dims) == 2)
+    assert len(weights["chunked"]) == 3 and weights["chunked"] == weights["whole"]
+
+
+class ExpandedRow(torch.nn.Module):
+    """The single-token cross-attention's form: one row per frame expanded over the tokens and added;
+    and an expanded row summed over the tokens (not a broadcasting reader: it stays)."""
+
+    def forward(self, hidden_states, row):
+        frames, tokens, hidden = hidden_states.shape
+        added = hidden_states + row.expand(frames, tokens, hidden)
+        return added + (2 * row).expand(frames, tokens, hidden).cumsum(1)
+
+
+def test_expand_read_by_a_broadcasting_add_is_left_to_the_add(tmp_path):
+    torch.manual_seed(0)
+    inputs = {"hidden_states": torch.randn(3, 16, 8), "row": torch.randn(3, 1, 8)}
+    source = tmp_path / "expand.onnx"
+    export_onnx(ExpandedRow().eval(), inputs, "out", source)
+    simplify_onnx(source)
+    ops = [n.op_type for n in onnx.load(str(source)).graph.node]
+    assert ops.count("Expand") == 2
+    result = rewrite_for_ort(source, tmp_path / "rewritten.onnx")
+    assert result["expands_broadcast"] == 1
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "rewritten.onnx")).graph.node]
+    assert ops.count("Expand") == 1 and ops.count("Add") == 2
+    feed = {name: value.numpy() for name, value in inputs.items()}
+    import onnxruntime as ort
+
+    expected = ort.InferenceSession(str(source)).run(None, feed)
+    actual = ort.InferenceSession(str(tmp_path / "rewritten.onnx")).run(None, feed)
+    for a, e in zip(actual, expected, strict=True):
+        np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.parametrize("case", ["sdpa", "broadcast_frames", "cross"])
+def test_wide_self_attention_runs_in_batch_chunks_equal_to_whole(case, tmp_path, monkeypatch):
+    """A self-attention (q, k, v projections of one input, MultiHeadAttention, output projection) runs
+    on whole batch items of its input, the same output as the whole; a cross-attention (k, v from the
+    context) is not a row block and stays whole."""
+    from mvd_deploy.backends import ort_graph
+
+    processor, cross, _, _ = CASES[case]
+    torch.manual_seed(0)
+    tokens = 14 if case == "broadcast_frames" else 64
+    inputs = {"hidden_states": torch.randn(4, tokens, 32), "context": torch.randn(4, 5, 24)}
+    source = tmp_path / "attention.onnx"
+    export_onnx(AttentionLayer(processor, cross).eval(), inputs, "out", source)
+    simplify_onnx(source)
+    exported = onnx.load(str(source), load_external_data=False).graph
+    feed = {name: x.numpy() for name, x in inputs.items() if name in {i.name for i in exported.input}}
+    whole = rewrite_for_ort(source, tmp_path / "whole.onnx")
+    assert whole["attention"]["fused"] == 1 and whole["row_chunks"] == []
+    # q, k, v: 4·tokens rows × 3·32 columns × 4 bytes, in 2 chunks of 2 batch items
+    monkeypatch.setattr(ort_graph, "ROW_CHUNK_BYTES", 4 * tokens * 96 * 4 // 2)
+    result = rewrite_for_ort(source, tmp_path / "chunked.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "chunked.onnx"), load_external_data=False).graph.node]
+    if cross:
+        assert result["row_chunks"] == [] and ops.count("MultiHeadAttention") == 1 and "Slice" not in ops
+        return
+    assert result["row_chunks"] == [2]
+    assert ops.count("MultiHeadAttention") == 2 and ops.count("Slice") == 2 and ops.count("Concat") == 1
+    slices = [n for n in onnx.load(str(tmp_path / "chunked.onnx")).graph.node if n.op_type == "Slice"]
+    initializers = {t.name: t for t in onnx.load(str(tmp_path / "chunked.onnx")).graph.initializer}
+    assert {int(onnx.numpy_helper.to_array(initializers[s.input[3]])[0]) for s in slices} == {0}  # the batch axis
+    chunked, expected = run_onnx(tmp_path / "chunked.onnx", feed), run_onnx(tmp_path / "whole.onnx", feed)
+    np.testing.assert_allclose(chunked, expected, rtol=1e-5, atol=1e-6)
+    assert psnr_db(chunked, run_onnx(source, feed)) >= 100.0
+    # ORT's quantizer needs every MatMul input's type: the slices carry theirs
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(tmp_path / "chunked.onnx", tmp_path / "int8.onnx", weight_type=QuantType.QInt8)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx"), load_external_data=False).graph.node]
+    assert ops.count("DynamicQuantizeLinear") > 0 and ops.count("MultiHeadAttention") == 2

@@ -249,7 +249,11 @@ def _quantize(build: Build, name: str, form: str, source: Path, out: Path, optio
                 None,  # the ranges come from the cache
                 calibration_cache_path=ranges,
                 op_types_to_quantize=["Conv"],
-                activation_type=QuantType.QInt8,
+                # u8 activations, as ORT's x86 kernels take them: with s8, ORT converts each Q/DQ pair
+                # to u8 at load, but not a quantizer read by several DQs, and the convolutions writing
+                # those (4 of the full-size UNet's 66) stayed float, their weights dequantised every call
+                # (a 59 MB tensor alive from the call's start). u8: all 66 are QLinearConv (issue 13).
+                activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 per_channel=True,
                 reduce_range=True,  # see INT8_WEIGHTS

@@ -1,5 +1,5 @@
 """The exported graph rewritten for ONNX Runtime's CPU (the ort-cpu compiled forms only; the export stays
-the portable opset-18 graph the NPU path compiles). Three rewrites, each exact up to fp32 rounding:
+the portable opset-18 graph the NPU path compiles). Six rewrites, each exact up to fp32 rounding:
 
 **Fused attention.** The exported attention is MatMul → Softmax → MatMul between head-splitting
 reshapes (spatial self-attention, in query chunks after ``chunk_attention``) or broadcast
@@ -30,6 +30,21 @@ and a Split copies out its halves (hidden, gate): the full-size UNet's widest te
 of 147 MB alive together. Two projections by the weight's column halves give the halves directly (the
 same products, the same weight bytes): no copy, and a lower peak. The halves' weights are the one thing
 written (``<out>.data`` beside the rewritten model); every other weight stays where the export put it.
+
+**Feed-forwards and self-attentions in row chunks.** Even in halves, a feed-forward's hidden, gate
+and product are the widest tensors of a call (147 MB each in the full-size UNet's first blocks), alive
+together; a self-attention's q, k, v and output come next. Every op between a feed-forward's input
+projections and its output projection works row by row (token by token), and a self-attention's
+MultiHeadAttention batch item by batch item (frame, or pixel for attention over the frames). So each
+such block whose input projections' outputs together exceed ``ROW_CHUNK_BYTES`` runs on slices of its
+input's rows (whole batch items where it attends), one copy of its nodes per slice reading the same
+weights, and concatenates the slices' outputs.
+
+**Broadcasts instead of Expands.** The single-token cross-attention adds one (frames, 1, hidden) row
+per frame to every token, through an Expand to the full (frames, tokens, hidden) tensor (36.7 MB at
+full size). It depends only on the conditioning, so ONNX Runtime computes it at the start of the call
+and holds it until its Add, far into the UNet: several were alive at the peak. An elementwise reader
+whose other input already has the Expand's shape broadcasts the row itself, to the same sums.
 """
 
 from __future__ import annotations
@@ -47,6 +62,11 @@ logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
 _VIEW_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Split"}
+# Ops that compute each row (token) of their output from that row of their inputs alone, given
+# constants of at most one axis (a scalar, a bias over the last axis).
+_ROW_WISE_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "FastGelu"}
+# At most this much of a row block's input projections' outputs in one chunk.
+ROW_CHUNK_BYTES = 64 << 20
 
 
 @dataclass
@@ -394,7 +414,9 @@ def rewrite_for_ort(source: Path, out: Path) -> dict:
     """Write ``source`` rewritten (see the module) to ``out`` in the same directory (the weights file
     stays shared); returns {"attention": {"fused": attentions fused, "softmax_left": softmaxes not
     fused}, "gelu_fused": GELUs fused, "conv_inputs_isolated": convolutions given an input of their own,
-    "geglu_split": projections computed as two halves}."""
+    "geglu_split": projections computed as two halves, "row_chunks": the chunks of each
+    feed-forward or self-attention computed in row chunks, "expands_broadcast": Expands whose readers
+    broadcast instead}."""
     import onnx
     from onnx import helper
 
@@ -427,7 +449,9 @@ def rewrite_for_ort(source: Path, out: Path) -> dict:
             for matmul, add, split in splits:
                 index = nodes.index(split)
                 nodes[index : index + 1] = _projection_halves(g, matmul, add, split, data)
+    broadcast = _broadcast_expands(g, nodes)
     nodes = _live(model.graph, nodes)
+    chunked = _chunk_row_blocks(model.graph, nodes, g)
     isolated = _isolate_conv_inputs(model.graph, nodes)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -441,19 +465,25 @@ def rewrite_for_ort(source: Path, out: Path) -> dict:
     left = sum(node.op_type == "Softmax" for node in model.graph.node)
     logger.info(
         "%d attentions fused into MultiHeadAttention (%d of %d softmaxes left), %d GELUs into Gelu; "
-        "%d convolutions given their own input; %d GEGLU projections in two halves",
+        "%d convolutions given their own input; %d GEGLU projections in two halves; %d feed-forwards and "
+        "self-attentions in %d row chunks; %d Expands left to the broadcast of their readers",
         len(replaced),
         left,
         softmaxes,
         len(gelus),
         isolated,
         len(splits),
+        len(chunked),
+        sum(chunked),
+        broadcast,
     )
     return {
         "attention": {"fused": len(replaced), "softmax_left": left},
         "gelu_fused": len(gelus),
         "conv_inputs_isolated": isolated,
         "geglu_split": len(splits),
+        "row_chunks": chunked,
+        "expands_broadcast": broadcast,
     }
 
 
@@ -586,3 +616,162 @@ def _live(graph, nodes):
             kept.append(node)
             needed.update(i for i in node.input if i)
     return kept[::-1]
+
+
+def _chunk_row_blocks(graph, nodes: list, g: _Graph) -> list[int]:
+    """Each feed-forward or self-attention whose projections' outputs together exceed ``ROW_CHUNK_BYTES``
+    computed on row slices of its input (in place, see the module); the number of slices of each."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = {t.name: tuple(t.dims) for t in graph.initializer}
+    producer = {out: node for node in nodes for out in node.output}
+    readers = defaultdict(list)
+    for node in nodes:
+        for name in node.input:
+            readers[name].append(node)
+    outputs = {o.name for o in graph.output}
+    chunks = []
+    for out_add in list(nodes):
+        found = _row_block(out_add, producer, weights, nodes)
+        if found is None:
+            continue
+        x, region, width, by_batch = found
+        shape, elem_type = g.dims.get(x, (None, None))
+        if shape is None or len(shape) < 2 or elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            continue
+        inside = {id(node) for node in region}
+        made = {out for node in region for out in node.output} - {out_add.output[0]}
+        if any(name in outputs or any(id(r) not in inside for r in readers[name]) for name in made):
+            continue  # something else reads a tensor of the block: it cannot be sliced
+        itemsize = 2 if elem_type == TensorProto.FLOAT16 else 4
+        widest = int(np.prod(shape[:-1])) * width * itemsize
+        count = -(-widest // ROW_CHUNK_BYTES)
+        axes = [0] if by_batch else range(len(shape) - 1)
+        axis = next((a for a in axes if shape[a] >= count), None)
+        if count < 2 or axis is None:
+            continue
+        bounds = np.cumsum([0] + [len(part) for part in np.array_split(np.arange(shape[axis]), count)])
+        made_here = made | {out_add.output[0]}
+        copies, pieces = [], []
+        for k, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            suffix = f"/chunk{k}"
+            rows = f"{x}{suffix}"
+            ends = [f"{rows}/{part}" for part in ("starts", "ends", "axes")]
+            for name, value in zip(ends, (start, end, axis), strict=True):
+                graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+            copies.append(helper.make_node("Slice", [x, *ends], [rows], name=f"{out_add.name}{suffix}/rows"))
+            # the slices' types and shapes, for tools that read them (ORT's quantizer needs every type)
+            rows_of = {x: rows} | {name: f"{name}{suffix}" for name in made_here}
+            for name, chunk in rows_of.items():
+                known = g.dims.get(name)
+                dims = list(known[0]) if known and len(known[0]) == len(shape) else None
+                if dims is not None:
+                    dims[axis] = int(end - start)
+                graph.value_info.append(helper.make_tensor_value_info(chunk, known[1] if known else elem_type, dims))
+            for node in region:
+                copy = helper.make_node(
+                    node.op_type,
+                    [rows if i == x else f"{i}{suffix}" if i in made_here else i for i in node.input],
+                    [f"{o}{suffix}" for o in node.output],
+                    name=f"{node.name}{suffix}",
+                    domain=node.domain,
+                )
+                copy.attribute.extend(node.attribute)
+                copy.metadata_props.extend(node.metadata_props)
+                copies.append(copy)
+            pieces.append(f"{out_add.output[0]}{suffix}")
+        concat = helper.make_node("Concat", pieces, [out_add.output[0]], name=f"{out_add.name}/rows", axis=axis)
+        concat.metadata_props.extend(out_add.metadata_props)
+        # where the block's output was made: everything its nodes read is made before that
+        at = nodes.index(out_add) - sum(nodes.index(node) < nodes.index(out_add) for node in region)
+        nodes[:] = [node for node in nodes if id(node) not in inside]
+        nodes[at:at] = [*copies, concat]
+        chunks.append(count)
+    return chunks
+
+
+def _row_block(out_add, producer: dict, weights: dict, nodes: list):
+    """(input, nodes in graph order, summed width of its input projections, whether it attends) of the
+    block that ends in ``out_add``: x·W + b after row-wise ops or a MultiHeadAttention on input
+    projections x·Wᵢ (+ bᵢ) of one x; or None."""
+    if out_add.op_type != "Add":
+        return None
+    out_mm = next((p for p in map(producer.get, out_add.input) if p is not None and p.op_type == "MatMul"), None)
+    if (
+        out_mm is None
+        or len(weights.get(out_mm.input[1], ())) != 2
+        or not _is_vector(_other(out_add, out_mm.output[0]), producer, weights)
+    ):
+        return None
+    region, inputs, width, pending, by_batch = [out_add, out_mm], set(), 0, [out_mm.input[0]], False
+    seen = set()
+    while pending:
+        node = producer.get(pending.pop())
+        if node is None:
+            return None  # a graph input
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "MatMul" and len(weights.get(node.input[1], ())) == 2:
+            inputs.add(node.input[0])
+            width += weights[node.input[1]][1]
+            region.append(node)
+            continue
+        if node.op_type == "MultiHeadAttention" and node.domain == MS_DOMAIN and len(node.input) == 3:
+            by_batch = True  # each batch item's tokens attend to each other: rows are whole batch items
+        elif node.op_type not in _ROW_WISE_OPS or node.domain not in ("", MS_DOMAIN):
+            return None
+        region.append(node)
+        for i in node.input:
+            if i and not _is_vector(i, producer, weights):
+                pending.append(i)
+    if len(inputs) != 1 or width == 0:
+        return None
+    x = next(iter(inputs))
+    if any(x in node.input for node in region if node.op_type != "MatMul"):
+        return None  # read beside the projections too: not a block's shape
+    order = {id(node): index for index, node in enumerate(nodes)}
+    return x, sorted(region, key=lambda node: order[id(node)]), width, by_batch
+
+
+def _is_vector(name: str, producer: dict, weights: dict) -> bool:
+    """Whether ``name`` is a constant of at most one axis (broadcast along the last axis only)."""
+    from onnx import helper
+
+    if name in weights:
+        return len(weights[name]) <= 1
+    node = producer.get(name)
+    if node is None or node.op_type != "Constant":
+        return False
+    return len(getattr(helper.get_attribute_value(node.attribute[0]), "dims", ())) <= 1
+
+
+_BROADCASTING_OPS = {"Add", "Sub", "Mul", "Div"}
+
+
+def _broadcast_expands(g: _Graph, nodes: list) -> int:
+    """Every Expand read only by elementwise ops whose other input has the Expand's shape: those readers
+    take the Expand's input and broadcast it (in place; ``_live`` then drops the Expand); how many."""
+    readers = defaultdict(list)
+    for node in nodes:
+        for name in node.input:
+            readers[name].append(node)
+    dropped = 0
+    for expand in nodes:
+        if expand.op_type != "Expand" or expand.output[0] in g.outputs:
+            continue
+        shape = g.shape(expand.output[0])
+        users = readers[expand.output[0]]
+        if shape is None or g.shape(expand.input[0]) is None or not users:
+            continue
+        if not all(
+            user.op_type in _BROADCASTING_OPS
+            and list(user.input).count(expand.output[0]) == 1
+            and g.shape(_other(user, expand.output[0])) == shape
+            for user in users
+        ):
+            continue
+        for user in users:
+            user.input[list(user.input).index(expand.output[0])] = expand.input[0]
+        dropped += 1
+    return dropped
