@@ -320,7 +320,10 @@ def ort_session(path: Path, optimization: str = "basic", optimized_path: Path | 
             "session.optimized_model_external_initializers_file_name", f"{optimized_path.stem}.data"
         )
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # ort_graph's row chunks slice their input one chunk at a time; this fusion would make every slice
+    # at once (one Split), a whole copy of the input alive beside it.
+    disabled = ["GatherSliceToSplitFusion"]
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
 def run_onnx(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -193,6 +193,12 @@ def test_wide_feed_forward_runs_in_row_chunks_equal_to_whole(tmp_path, monkeypat
     expected = run_onnx(source, feed)
     np.testing.assert_allclose(run_onnx(tmp_path / "chunked.onnx", feed), expected, rtol=1e-5, atol=1e-6)
     assert psnr_db(run_onnx(tmp_path / "chunked.onnx", feed), run_onnx(tmp_path / "whole.onnx", feed)) >= 100
+    # compiled as ort-cpu compiles: the slices stay one per chunk (not one Split making them all at once)
+    from mvd_deploy.onnx_tools import ort_session
+
+    ort_session(tmp_path / "chunked.onnx", optimization="extended", optimized_path=tmp_path / "compiled.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "compiled.onnx"), load_external_data=False).graph.node]
+    assert ops.count("Slice") == 4 and "Split" not in ops
 
     weights = {}
     for name in ("whole", "chunked"):
@@ -274,3 +280,68 @@ def test_wide_self_attention_runs_in_batch_chunks_equal_to_whole(case, tmp_path,
     quantize_dynamic(tmp_path / "chunked.onnx", tmp_path / "int8.onnx", weight_type=QuantType.QInt8)
     ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx"), load_external_data=False).graph.node]
     assert ops.count("DynamicQuantizeLinear") > 0 and ops.count("MultiHeadAttention") == 2
+
+
+class NormConv(torch.nn.Module):
+    """An up block's resnet start: the concatenated skip, GroupNorm, SiLU and a convolution (the UNet's
+    widest tensors), and a 1×1 shortcut that reads the concatenation too."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.GroupNorm(4, 16)
+        self.conv = torch.nn.Conv2d(16, 8, 3, padding=1)
+        self.shortcut = torch.nn.Conv2d(16, 8, 1)
+
+    def forward(self, sample, skip):
+        x = torch.cat([sample, skip], dim=1)
+        return self.conv(torch.nn.functional.silu(self.norm(x))) + self.shortcut(x)
+
+
+def test_wide_group_norm_and_convolution_run_in_batch_chunks_equal_to_whole(tmp_path, monkeypatch):
+    """GroupNorm (with its batch-sized reshape), SiLU and the convolution they feed run on whole batch
+    items, the same output as the whole, and still quantise to QLinearConv."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
+
+    from mvd_deploy.backends import ort_graph
+    from mvd_deploy.onnx_tools import ort_session
+
+    torch.manual_seed(0)
+    module = NormConv().eval()
+    torch.nn.init.normal_(module.norm.weight)
+    torch.nn.init.normal_(module.norm.bias)
+    inputs = {"sample": torch.randn(4, 8, 8, 8), "skip": torch.randn(4, 8, 8, 8)}
+    source = tmp_path / "norm_conv.onnx"
+    export_onnx(module, inputs, "out", source)
+    simplify_onnx(source)
+    feed = {name: x.numpy() for name, x in inputs.items()}
+    assert rewrite_for_ort(source, tmp_path / "whole.onnx")["row_chunks"] == []
+    monkeypatch.setattr(ort_graph, "ROW_CHUNK_BYTES", 8 << 10)  # x: 16 KiB; with the normalised copies 32
+    result = rewrite_for_ort(source, tmp_path / "chunked.onnx")
+    assert result["row_chunks"] == [4]  # one batch item each; the shortcut (no norm) stays whole
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "chunked.onnx"), load_external_data=False).graph.node]
+    assert ops.count("Slice") == 4 and ops.count("InstanceNormalization") == 4 and ops.count("Conv") == 5
+    chunked, whole = run_onnx(tmp_path / "chunked.onnx", feed), run_onnx(tmp_path / "whole.onnx", feed)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert psnr_db(chunked, run_onnx(source, feed)) >= 100.0
+
+    class Samples(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.samples = iter([{n: rng.standard_normal((4, 8, 8, 8), np.float32) for n in feed} for _ in range(2)])
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    quantized, compiled = tmp_path / "int8.onnx", tmp_path / "compiled.onnx"
+    quantize_static(
+        tmp_path / "chunked.onnx",
+        quantized,
+        Samples(),
+        op_types_to_quantize=["Conv"],
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+    )
+    ort_session(quantized, optimization="extended", optimized_path=compiled)
+    ops = [node.op_type for node in onnx.load(str(compiled)).graph.node]
+    assert ops.count("QLinearConv") == 5 and "Conv" not in ops

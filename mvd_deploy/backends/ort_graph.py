@@ -31,14 +31,15 @@ of 147 MB alive together. Two projections by the weight's column halves give the
 same products, the same weight bytes): no copy, and a lower peak. The halves' weights are the one thing
 written (``<out>.data`` beside the rewritten model); every other weight stays where the export put it.
 
-**Feed-forwards and self-attentions in row chunks.** Even in halves, a feed-forward's hidden, gate
-and product are the widest tensors of a call (147 MB each in the full-size UNet's first blocks), alive
-together; a self-attention's q, k, v and output come next. Every op between a feed-forward's input
-projections and its output projection works row by row (token by token), and a self-attention's
-MultiHeadAttention batch item by batch item (frame, or pixel for attention over the frames). So each
-such block whose input projections' outputs together exceed ``ROW_CHUNK_BYTES`` runs on slices of its
-input's rows (whole batch items where it attends), one copy of its nodes per slice reading the same
-weights, and concatenates the slices' outputs.
+**Row blocks in chunks.** Even in halves, a feed-forward's hidden, gate and product are the widest
+tensors of a call (147 MB each in the full-size UNet's first blocks), alive together; then come a
+self-attention's q, k, v and output, and the last up block's GroupNorm over its 110 MB concatenated
+skip. Every op between a feed-forward's input projections and its output projection works row by row
+(token by token); a self-attention's MultiHeadAttention, and a GroupNorm → SiLU → convolution, batch
+item by batch item (frame, or pixel for attention over the frames). So each such block whose widest
+set of tensors exceeds ``ROW_CHUNK_BYTES`` runs on slices of its input's rows (whole batch items where
+it attends or convolves), one copy of its nodes per slice reading the same weights (a reshape that
+names the batch gets the slice's), and concatenates the slices' outputs.
 
 **Broadcasts instead of Expands.** The single-token cross-attention adds one (frames, 1, hidden) row
 per frame to every token, through an Expand to the full (frames, tokens, hidden) tensor (36.7 MB at
@@ -415,7 +416,7 @@ def rewrite_for_ort(source: Path, out: Path) -> dict:
     stays shared); returns {"attention": {"fused": attentions fused, "softmax_left": softmaxes not
     fused}, "gelu_fused": GELUs fused, "conv_inputs_isolated": convolutions given an input of their own,
     "geglu_split": projections computed as two halves, "row_chunks": the chunks of each
-    feed-forward or self-attention computed in row chunks, "expands_broadcast": Expands whose readers
+    row block computed in row chunks, "expands_broadcast": Expands whose readers
     broadcast instead}."""
     import onnx
     from onnx import helper
@@ -618,9 +619,22 @@ def _live(graph, nodes):
     return kept[::-1]
 
 
+@dataclass
+class _Block:
+    """A run of nodes from one input ``x`` to one output that computes each row (or batch item) of its
+    output from that row (batch item) of ``x`` alone."""
+
+    x: str
+    region: list  # its nodes, in graph order; the last writes the output
+    width: int  # columns of its widest set of tensors alive at once, per row of x's last axis
+    by_batch: bool  # rows are whole batch items (axis 0): it attends or convolves within each
+    reshapes: tuple = ()  # Reshapes whose target shape names the batch: rewritten per chunk
+
+
 def _chunk_row_blocks(graph, nodes: list, g: _Graph) -> list[int]:
-    """Each feed-forward or self-attention whose projections' outputs together exceed ``ROW_CHUNK_BYTES``
-    computed on row slices of its input (in place, see the module); the number of slices of each."""
+    """Each feed-forward, self-attention or normalised convolution whose widest set of tensors exceeds
+    ``ROW_CHUNK_BYTES`` computed on row slices of its input (in place, see the module); the number of
+    slices of each."""
     from onnx import TensorProto, helper, numpy_helper
 
     weights = {t.name: tuple(t.dims) for t in graph.initializer}
@@ -631,27 +645,29 @@ def _chunk_row_blocks(graph, nodes: list, g: _Graph) -> list[int]:
             readers[name].append(node)
     outputs = {o.name for o in graph.output}
     chunks = []
-    for out_add in list(nodes):
-        found = _row_block(out_add, producer, weights, nodes)
-        if found is None:
+    for last in list(nodes):
+        block = _row_block(last, producer, weights, nodes) or _norm_conv_block(last, producer, weights, nodes, g)
+        if block is None:
             continue
-        x, region, width, by_batch = found
+        x, region = block.x, block.region
         shape, elem_type = g.dims.get(x, (None, None))
         if shape is None or len(shape) < 2 or elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
             continue
         inside = {id(node) for node in region}
-        made = {out for node in region for out in node.output} - {out_add.output[0]}
+        made = {out for node in region for out in node.output} - {last.output[0]}
         if any(name in outputs or any(id(r) not in inside for r in readers[name]) for name in made):
             continue  # something else reads a tensor of the block: it cannot be sliced
         itemsize = 2 if elem_type == TensorProto.FLOAT16 else 4
-        widest = int(np.prod(shape[:-1])) * width * itemsize
+        widest = int(np.prod(shape[:-1])) * block.width * itemsize
         count = -(-widest // ROW_CHUNK_BYTES)
-        axes = [0] if by_batch else range(len(shape) - 1)
+        if block.by_batch:
+            count = min(count, shape[0])
+        axes = [0] if block.by_batch else range(len(shape) - 1)
         axis = next((a for a in axes if shape[a] >= count), None)
         if count < 2 or axis is None:
             continue
         bounds = np.cumsum([0] + [len(part) for part in np.array_split(np.arange(shape[axis]), count)])
-        made_here = made | {out_add.output[0]}
+        made_here = made | {last.output[0]}
         copies, pieces = [], []
         for k, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             suffix = f"/chunk{k}"
@@ -659,19 +675,25 @@ def _chunk_row_blocks(graph, nodes: list, g: _Graph) -> list[int]:
             ends = [f"{rows}/{part}" for part in ("starts", "ends", "axes")]
             for name, value in zip(ends, (start, end, axis), strict=True):
                 graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
-            copies.append(helper.make_node("Slice", [x, *ends], [rows], name=f"{out_add.name}{suffix}/rows"))
+            copies.append(helper.make_node("Slice", [x, *ends], [rows], name=f"{last.name}{suffix}/rows"))
             # the slices' types and shapes, for tools that read them (ORT's quantizer needs every type)
             rows_of = {x: rows} | {name: f"{name}{suffix}" for name in made_here}
             for name, chunk in rows_of.items():
                 known = g.dims.get(name)
-                dims = list(known[0]) if known and len(known[0]) == len(shape) else None
+                same_axes = known and (len(known[0]) == len(shape) or block.by_batch)
+                dims = list(known[0]) if same_axes else None
                 if dims is not None:
                     dims[axis] = int(end - start)
                 graph.value_info.append(helper.make_tensor_value_info(chunk, known[1] if known else elem_type, dims))
+            for reshape in block.reshapes:  # the same target shape with this chunk's batch
+                target = g.constant(reshape.input[1]).copy()
+                target[0] = end - start
+                graph.initializer.append(numpy_helper.from_array(target, f"{reshape.input[1]}{suffix}"))
+            renamed = rows_of | {r.input[1]: f"{r.input[1]}{suffix}" for r in block.reshapes}
             for node in region:
                 copy = helper.make_node(
                     node.op_type,
-                    [rows if i == x else f"{i}{suffix}" if i in made_here else i for i in node.input],
+                    [renamed.get(i, i) for i in node.input],
                     [f"{o}{suffix}" for o in node.output],
                     name=f"{node.name}{suffix}",
                     domain=node.domain,
@@ -679,11 +701,11 @@ def _chunk_row_blocks(graph, nodes: list, g: _Graph) -> list[int]:
                 copy.attribute.extend(node.attribute)
                 copy.metadata_props.extend(node.metadata_props)
                 copies.append(copy)
-            pieces.append(f"{out_add.output[0]}{suffix}")
-        concat = helper.make_node("Concat", pieces, [out_add.output[0]], name=f"{out_add.name}/rows", axis=axis)
-        concat.metadata_props.extend(out_add.metadata_props)
+            pieces.append(f"{last.output[0]}{suffix}")
+        concat = helper.make_node("Concat", pieces, [last.output[0]], name=f"{last.name}/rows", axis=axis)
+        concat.metadata_props.extend(last.metadata_props)
         # where the block's output was made: everything its nodes read is made before that
-        at = nodes.index(out_add) - sum(nodes.index(node) < nodes.index(out_add) for node in region)
+        at = nodes.index(last) - sum(nodes.index(node) < nodes.index(last) for node in region)
         nodes[:] = [node for node in nodes if id(node) not in inside]
         nodes[at:at] = [*copies, concat]
         chunks.append(count)
@@ -731,7 +753,7 @@ def _row_block(out_add, producer: dict, weights: dict, nodes: list):
     if any(x in node.input for node in region if node.op_type != "MatMul"):
         return None  # read beside the projections too: not a block's shape
     order = {id(node): index for index, node in enumerate(nodes)}
-    return x, sorted(region, key=lambda node: order[id(node)]), width, by_batch
+    return _Block(x, sorted(region, key=lambda node: order[id(node)]), width, by_batch)
 
 
 def _is_vector(name: str, producer: dict, weights: dict) -> bool:
@@ -775,3 +797,68 @@ def _broadcast_expands(g: _Graph, nodes: list) -> int:
             user.input[list(user.input).index(expand.output[0])] = expand.input[0]
         dropped += 1
     return dropped
+
+
+# Ops that work within each batch item, given constants without a batch axis (a normalisation's
+# reshapes, InstanceNormalization, its per-channel scale and shift, SiLU).
+_BATCH_WISE_OPS = {"Reshape", "InstanceNormalization", "Add", "Sub", "Mul", "Div", "Sigmoid"}
+
+
+def _norm_conv_block(conv, producer: dict, weights: dict, nodes: list, g: _Graph) -> _Block | None:
+    """GroupNorm (as the exporter writes it: Reshape, InstanceNormalization, Reshape, scale, shift), SiLU
+    and the convolution they feed, from one input x; or None."""
+    if conv.op_type != "Conv" or any(i and i not in weights for i in conv.input[1:]):
+        return None
+    region, pending, seen, inputs, reshapes = [conv], [conv.input[0]], set(), set(), []
+    while pending:
+        name = pending.pop()
+        node = producer.get(name)
+        if node is None or node.op_type not in _BATCH_WISE_OPS:
+            inputs.add(name)
+            continue
+        if id(node) in seen:
+            continue
+        rank = max(len(g.shape(i) or ()) for i in node.input if i)
+        data = [i for i in node.input if i and not _no_batch_constant(i, rank, producer, weights, g)]
+        if node.op_type == "Reshape":
+            target = g.constant(node.input[1])
+            batch = (g.shape(node.input[0]) or (None,))[0]
+            if target is None or data != [node.input[0]] or _attr(node, "allowzero", 0) or target[0] == -1:
+                return None
+            if target[0] != 0:  # 0 keeps the batch as it is; else it must be the batch, rewritten per chunk
+                if target[0] != batch:
+                    return None
+                reshapes.append(node)
+        elif node.op_type == "InstanceNormalization" and data != [node.input[0]]:
+            return None
+        if len(data) > 1 and not all(
+            producer.get(i) is not None and producer[i].op_type in _BATCH_WISE_OPS for i in data
+        ):
+            inputs.update(data)  # two tensors from outside meet here (a residual): the block starts after
+            continue
+        seen.add(id(node))
+        region.append(node)
+        pending.extend(data)
+    if len(inputs) != 1 or len(region) < 3:
+        return None
+    x = next(iter(inputs))
+    shape = g.shape(x)
+    if shape is None or len(shape) != 4:
+        return None
+    order = {id(node): index for index, node in enumerate(nodes)}
+    # alive at once: x, the normalised tensor and its scaled copy (per row of x's channels)
+    return _Block(x, sorted(region, key=lambda node: order[id(node)]), 2 * shape[-1], True, tuple(reshapes))
+
+
+def _no_batch_constant(name: str, rank: int, producer: dict, weights: dict, g: _Graph) -> bool:
+    """Whether ``name`` is a constant without a batch axis for a tensor of ``rank`` axes (fewer axes,
+    or a leading 1)."""
+    from onnx import helper
+
+    if name in weights:
+        dims = weights[name]
+    elif producer.get(name) is not None and producer[name].op_type == "Constant":
+        dims = tuple(getattr(helper.get_attribute_value(producer[name].attribute[0]), "dims", ()))
+    else:
+        return False
+    return len(dims) < rank or (len(dims) > 0 and dims[0] == 1)
