@@ -89,9 +89,7 @@ class SharedConvInput(torch.nn.Module):
 def test_shared_convolution_inputs_get_their_own_and_quantize(tmp_path):
     """ORT's static quantizer would give the Q/DQ pair of a shared input to every reader; isolated, the
     convolution compiles to QLinearConv, and the float graph is unchanged."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
 
-    from mvd_deploy.onnx_tools import ort_session
 
     torch.manual_seed(0)
     inputs = {"sample": torch.randn(1, 8, 16, 16)}
@@ -109,25 +107,7 @@ def test_shared_convolution_inputs_get_their_own_and_quantize(tmp_path):
     feed = {"sample": inputs["sample"].numpy()}
     np.testing.assert_array_equal(run_onnx(tmp_path / "rewritten.onnx", feed), run_onnx(source, feed))
 
-    class Samples(CalibrationDataReader):
-        def __init__(self):
-            self.samples = iter(
-                [{"sample": np.random.default_rng(i).standard_normal((1, 8, 16, 16), np.float32)} for i in range(2)]
-            )
-
-        def get_next(self):
-            return next(self.samples, None)
-
-    quantized, compiled = tmp_path / "int8.onnx", tmp_path / "compiled.onnx"
-    quantize_static(
-        tmp_path / "rewritten.onnx",
-        quantized,
-        Samples(),
-        op_types_to_quantize=["Conv"],
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-    )
-    ort_session(quantized, optimization="extended", optimized_path=compiled)
+    compiled = _static_convolutions(tmp_path / "rewritten.onnx", {"sample": (1, 8, 16, 16)}, tmp_path)
     ops = [node.op_type for node in onnx.load(str(compiled)).graph.node]
     assert ops.count("QLinearConv") == 1 and "Conv" not in ops and "Identity" not in ops
 
@@ -300,10 +280,8 @@ class NormConv(torch.nn.Module):
 def test_wide_group_norm_and_convolution_run_in_batch_chunks_equal_to_whole(tmp_path, monkeypatch):
     """GroupNorm (with its batch-sized reshape), SiLU and the convolution they feed run on whole batch
     items, the same output as the whole, and still quantise to QLinearConv."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
 
     from mvd_deploy.backends import ort_graph
-    from mvd_deploy.onnx_tools import ort_session
 
     torch.manual_seed(0)
     module = NormConv().eval()
@@ -324,17 +302,32 @@ def test_wide_group_norm_and_convolution_run_in_batch_chunks_equal_to_whole(tmp_
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
     assert psnr_db(chunked, run_onnx(source, feed)) >= 100.0
 
+    shapes = {name: (4, 8, 8, 8) for name in feed}
+    compiled = _static_convolutions(tmp_path / "chunked.onnx", shapes, tmp_path)
+    ops = [node.op_type for node in onnx.load(str(compiled)).graph.node]
+    assert ops.count("QLinearConv") == 5 and "Conv" not in ops
+
+
+def _static_convolutions(source, shapes: dict, tmp_path):
+    """``source`` with its convolutions static int8 as ort-cpu's int8-static quantises them (u8
+    activations, per-channel s8 weights; 2 random calibration samples), compiled by ORT; its path."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
+
+    from mvd_deploy.onnx_tools import ort_session
+
     class Samples(CalibrationDataReader):
         def __init__(self):
             rng = np.random.default_rng(0)
-            self.samples = iter([{n: rng.standard_normal((4, 8, 8, 8), np.float32) for n in feed} for _ in range(2)])
+            self.samples = iter(
+                [{n: rng.standard_normal(shape, np.float32) for n, shape in shapes.items()} for _ in range(2)]
+            )
 
         def get_next(self):
             return next(self.samples, None)
 
     quantized, compiled = tmp_path / "int8.onnx", tmp_path / "compiled.onnx"
     quantize_static(
-        tmp_path / "chunked.onnx",
+        source,
         quantized,
         Samples(),
         op_types_to_quantize=["Conv"],
@@ -343,5 +336,4 @@ def test_wide_group_norm_and_convolution_run_in_batch_chunks_equal_to_whole(tmp_
         per_channel=True,
     )
     ort_session(quantized, optimization="extended", optimized_path=compiled)
-    ops = [node.op_type for node in onnx.load(str(compiled)).graph.node]
-    assert ops.count("QLinearConv") == 5 and "Conv" not in ops
+    return compiled
