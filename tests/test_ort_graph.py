@@ -90,7 +90,6 @@ def test_shared_convolution_inputs_get_their_own_and_quantize(tmp_path):
     """ORT's static quantizer would give the Q/DQ pair of a shared input to every reader; isolated, the
     convolution compiles to QLinearConv, and the float graph is unchanged."""
 
-
     torch.manual_seed(0)
     inputs = {"sample": torch.randn(1, 8, 16, 16)}
     source = tmp_path / "model.onnx"
@@ -306,6 +305,40 @@ def test_wide_group_norm_and_convolution_run_in_batch_chunks_equal_to_whole(tmp_
     compiled = _static_convolutions(tmp_path / "chunked.onnx", shapes, tmp_path)
     ops = [node.op_type for node in onnx.load(str(compiled)).graph.node]
     assert ops.count("QLinearConv") == 5 and "Conv" not in ops
+
+
+class TwoNormConvs(torch.nn.Module):
+    """Two GroupNorm → SiLU → convolution blocks of one shape: the export shares their reshapes' shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.norms = torch.nn.ModuleList([torch.nn.GroupNorm(4, 16), torch.nn.GroupNorm(4, 16)])
+        self.convs = torch.nn.ModuleList([torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)])
+
+    def forward(self, sample):
+        for norm, conv in zip(self.norms, self.convs, strict=True):
+            sample = conv(torch.nn.functional.silu(norm(sample)))
+        return sample
+
+
+def test_blocks_sharing_reshape_shapes_get_their_own_chunk_shapes(tmp_path, monkeypatch):
+    """Each chunked block names its own slices and per-chunk reshape shapes. Here the second block reads
+    the first's output, and both read the same shape constants: no name is defined twice (ORT refuses
+    a tensor made twice, and warns of an initializer given twice), and the output is the whole's."""
+    from mvd_deploy.backends import ort_graph
+
+    torch.manual_seed(0)
+    inputs = {"sample": torch.randn(4, 16, 8, 8)}
+    source = tmp_path / "two.onnx"
+    export_onnx(TwoNormConvs().eval(), inputs, "out", source)
+    simplify_onnx(source)
+    monkeypatch.setattr(ort_graph, "ROW_CHUNK_BYTES", 8 << 10)
+    assert rewrite_for_ort(source, tmp_path / "chunked.onnx")["row_chunks"] == [4, 4]
+    graph = onnx.load(str(tmp_path / "chunked.onnx"), load_external_data=False).graph
+    names = [t.name for t in graph.initializer]
+    assert len(names) == len(set(names))
+    feed = {"sample": inputs["sample"].numpy()}
+    np.testing.assert_allclose(run_onnx(tmp_path / "chunked.onnx", feed), run_onnx(source, feed), rtol=1e-5, atol=1e-5)
 
 
 def _static_convolutions(source, shapes: dict, tmp_path):

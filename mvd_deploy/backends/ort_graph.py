@@ -671,11 +671,11 @@ def _chunk_row_blocks(graph, nodes: list, g: _Graph) -> list[int]:
         copies, pieces = [], []
         for k, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             suffix = f"/chunk{k}"
-            rows = f"{x}{suffix}"
+            rows = f"{last.name}{suffix}/rows"  # by the block: x may be another block's output, or input
             ends = [f"{rows}/{part}" for part in ("starts", "ends", "axes")]
             for name, value in zip(ends, (start, end, axis), strict=True):
                 graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
-            copies.append(helper.make_node("Slice", [x, *ends], [rows], name=f"{last.name}{suffix}/rows"))
+            copies.append(helper.make_node("Slice", [x, *ends], [rows], name=rows))
             # the slices' types and shapes, for tools that read them (ORT's quantizer needs every type)
             rows_of = {x: rows} | {name: f"{name}{suffix}" for name in made_here}
             for name, chunk in rows_of.items():
@@ -685,11 +685,14 @@ def _chunk_row_blocks(graph, nodes: list, g: _Graph) -> list[int]:
                 if dims is not None:
                     dims[axis] = int(end - start)
                 graph.value_info.append(helper.make_tensor_value_info(chunk, known[1] if known else elem_type, dims))
-            for reshape in block.reshapes:  # the same target shape with this chunk's batch
-                target = g.constant(reshape.input[1]).copy()
+            # the same target shapes with this chunk's batch: one each (Reshapes share them), named by
+            # the block too (other blocks read the same shapes, and may chunk their batch otherwise)
+            shapes = {name: f"{name}/{last.name}{suffix}" for name in dict.fromkeys(r.input[1] for r in block.reshapes)}
+            for name, chunk_name in shapes.items():
+                target = g.constant(name).copy()
                 target[0] = end - start
-                graph.initializer.append(numpy_helper.from_array(target, f"{reshape.input[1]}{suffix}"))
-            renamed = rows_of | {r.input[1]: f"{r.input[1]}{suffix}" for r in block.reshapes}
+                graph.initializer.append(numpy_helper.from_array(target, chunk_name))
+            renamed = rows_of | shapes
             for node in region:
                 copy = helper.make_node(
                     node.op_type,
