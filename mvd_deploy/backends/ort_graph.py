@@ -671,7 +671,9 @@ def _chunk_row_blocks(graph, nodes: list, g: _Graph) -> list[int]:
         copies, pieces = [], []
         for k, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             suffix = f"/chunk{k}"
-            rows = f"{last.name}{suffix}/rows"  # by the block: x may be another block's output, or input
+            # what the chunk adds is named by its block: x, and the reshapes' shapes, may be other blocks'
+            chunk = f"{last.name}{suffix}"
+            rows = f"{chunk}/rows"
             ends = [f"{rows}/{part}" for part in ("starts", "ends", "axes")]
             for name, value in zip(ends, (start, end, axis), strict=True):
                 graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
@@ -685,9 +687,8 @@ def _chunk_row_blocks(graph, nodes: list, g: _Graph) -> list[int]:
                 if dims is not None:
                     dims[axis] = int(end - start)
                 graph.value_info.append(helper.make_tensor_value_info(chunk, known[1] if known else elem_type, dims))
-            # the same target shapes with this chunk's batch: one each (Reshapes share them), named by
-            # the block too (other blocks read the same shapes, and may chunk their batch otherwise)
-            shapes = {name: f"{name}/{last.name}{suffix}" for name in dict.fromkeys(r.input[1] for r in block.reshapes)}
+            # the same target shapes with this chunk's batch, one each (Reshapes share them)
+            shapes = {name: f"{chunk}/{name}" for name in dict.fromkeys(r.input[1] for r in block.reshapes)}
             for name, chunk_name in shapes.items():
                 target = g.constant(name).copy()
                 target[0] = end - start
