@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from mvd_deploy.cpu import AVX2_ONLY_CPU, emulator_version
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CLI = [sys.executable, "-m", "mvd_deploy"]
@@ -126,8 +128,11 @@ def measure_chain() -> dict:
         weight_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         passes = measure(["passes", str(ckpt), "--json"])
         export = measure(["export", str(ckpt), "--out", str(build), "--json"])
+        # int8 kernels differ between x86 CPUs: the int8 forms are also validated on an AVX2-only CPU,
+        # emulated (qemu-user; a full-size UNet call takes ~N min there), where the emulator is installed
+        emulated = ["--validate-on-cpu", AVX2_ONLY_CPU] if emulator_version() else []
         compile_ = measure(
-            ["compile", str(build), "--target", "ort-cpu", "--int8", "dynamic", "--int8", "static", "--json"]
+            ["compile", str(build), "--target", "ort-cpu", "--int8", "dynamic", "--int8", "static", "--json"] + emulated
         )
         profiles = {
             form: json.loads(
@@ -207,7 +212,13 @@ def summarize_chain(raw: dict) -> list[dict]:
         ("init-checkpoint mobilevd", init, 120, 2.0),
         ("passes (all, each checked) on the mobilevd checkpoint", passes, 60, 1.3),
         ("export (passes, ONNX, simplify, check, validate; all four components)", export, 90, 1.3),
-        ("compile ort-cpu fp32 + int8-dynamic (each re-validated)", compile_, None, None),
+        (
+            "compile ort-cpu fp32 + int8-dynamic + int8-static (each re-validated; the int8 forms also on an "
+            "emulated AVX2-only CPU where qemu-user is installed)",
+            compile_,
+            None,
+            None,
+        ),
     ):
         rows.append(
             {
@@ -281,6 +292,8 @@ def summarize_cpu_forms(manifest: dict, compiled: dict, profiles: dict, eager: d
                 "p50_ms": round(ms, 1),
                 "speedup_vs_eager": round(eager_ms / ms, 2),
                 "psnr_db_vs_fp32": validation["psnr_db"],
+                # the same form on an AVX2-only CPU (no VNNI), emulated; None: not checked (no qemu-user)
+                "psnr_db_vs_fp32_on_avx2": validation.get("emulated_cpus", {}).get(AVX2_ONLY_CPU, {}).get("psnr_db"),
                 "sensitivity_vs_export": round(sensitivity["compiled"] / sensitivity["reference"], 3),
                 "peak_memory_gb": round(peak_mb * 2**20 / 1e9, 2),
                 "weights_gb": round(unet_bytes / 1e9, 2),
@@ -290,7 +303,7 @@ def summarize_cpu_forms(manifest: dict, compiled: dict, profiles: dict, eager: d
                 "goal": (
                     f">= {CPU_GOALS['speedup_vs_eager']}x eager (fastest form) at >= {CPU_GOALS['min_psnr_db']} dB, "
                     f"sensitivity within 20 %, peak <= {CPU_GOALS['peak_over_weights']}x weights"
-                    + (f", >= {min_psnr} dB" if min_psnr else "")
+                    + (f", >= {min_psnr} dB on this CPU and on an AVX2-only one" if min_psnr else "")
                 ),
             }
         )

@@ -34,6 +34,7 @@ OPTION_NAMES = {
     "form": "--form",
     "offline": "--offline",
     "emulate": "--emulate",
+    "validate_on_cpus": "--validate-on-cpu",
     "runs": "--runs",
     "source": "SOURCE",
 }
@@ -297,10 +298,20 @@ def export_cmd(
     type=click.Choice(["w8a16", "float16"]),
     help="--offline: compile this precision instead of each profile's own.",
 )
+@click.option(
+    "--validate-on-cpu",
+    "validate_on_cpus",
+    multiple=True,
+    metavar="CPU",
+    help="ort-cpu: also validate each int8 form on this x86 CPU, emulated by qemu-x86_64 (e.g. EPYC-Rome: "
+    "AVX2, no AVX-512/VNNI); repeat for several. Slow: a full-size UNet call takes minutes to an hour.",
+)
 @_offline_options
 @click.option("--json", "as_json", is_flag=True, help="Print the compiled records as JSON.")
 @_user_errors
-def compile_cmd(build_dir, targets, int8, min_psnr, calibration_samples, form, offline, emulate, as_json):
+def compile_cmd(
+    build_dir, targets, int8, min_psnr, calibration_samples, validate_on_cpus, form, offline, emulate, as_json
+):
     """Compile a build for one or more targets; every compiled form is validated."""
     from mvd_deploy.targets import compile_build
 
@@ -314,6 +325,7 @@ def compile_cmd(build_dir, targets, int8, min_psnr, calibration_samples, form, o
         form=form,
         offline=offline,
         emulate=emulate,
+        validate_on_cpus=validate_on_cpus,
     )
     _emit(result.to_json(), as_json, _format_compiled)
 
@@ -341,6 +353,9 @@ def _format_compiled(records: dict) -> str:
             )
             emulated = f" on the HTP emulator ({v['emulator_s']:.1f} s)" if "emulator_s" in v else ""
             lines.append(f"{label}PSNR {v['psnr_db']} dB (min {v['min_psnr_db']}){emulated}{extra}")
+            for cpu, on in v.get("emulated_cpus", {}).items():  # ort-cpu int8 on other x86 CPUs
+                same = "the same output" if on["psnr_db_vs_this_cpu"] >= 200 else f"{on['psnr_db_vs_this_cpu']} dB"
+                lines.append(f"{' ' * len(label)}on {cpu} (emulated): PSNR {on['psnr_db']} dB; vs this CPU: {same}")
     return "\n".join(lines)
 
 

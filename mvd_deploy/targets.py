@@ -77,6 +77,7 @@ def compile_build(
     form: str | None = None,
     offline: bool = False,
     emulate: bool | None = None,
+    validate_on_cpus: str | Iterable[str] | None = None,
 ) -> CompileResult:
     """Compile every component of ``build`` for each of ``targets`` (device profile names or paths);
     every compiled form is validated (PSNR at least ``min_psnr_db``, default per form).
@@ -85,7 +86,10 @@ def compile_build(
     static int8's (default 4) or the phones' w8a16 calibration (default: each profile's own).
     ``offline``: phone targets compile here with the QNN HTP compiler for each profile's chipset, no AI
     Hub; then ``form`` (``w8a16`` or ``float16``) overrides each profile's precision, and ``emulate``
-    runs (True) or skips (False) the emulated check (default: only where it is quick)."""
+    runs (True) or skips (False) the emulated check (default: only where it is quick).
+    ``validate_on_cpus``: ort-cpu's int8 forms are also run once on these x86 CPUs (QEMU model names:
+    ``EPYC-Rome`` is AVX2-only) under ``qemu-x86_64`` and validated as on this one; int8 kernels differ
+    between x86 CPUs. Exact, but 100-300× slower than the host (docs/export-and-backends.md)."""
     _offline_only(offline, form=form, emulate=emulate)
     build = open_build(build)
     options = CompileOptions(
@@ -94,9 +98,13 @@ def compile_build(
         calibration_samples=calibration_samples,
         form=form,
         emulate=emulate,
+        validate_on_cpus=validate_on_cpus,
     )
+    groups = group_targets(_targets(targets), offline=offline)
+    if options.validate_on_cpus and "ort-cpu" not in groups:
+        raise MvdError("validate_on_cpus: checks ort-cpu int8 forms; no ort-cpu target", parameter="validate_on_cpus")
     records = {}
-    for backend, profiles in group_targets(_targets(targets), offline=offline).items():
+    for backend, profiles in groups.items():
         records |= get_backend(backend).compile(build, profiles, options)
     return CompileResult(build=build, records=records)
 

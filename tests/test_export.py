@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from mvd_deploy.backends import CompileOptions, get_backend
-from mvd_deploy.backends.base import KERNEL_FEATURES
 from mvd_deploy.backends.inputs import VALIDATION_SEED, pipeline_inputs
 from mvd_deploy.build import Build
 from mvd_deploy.cli import main
+from mvd_deploy.cpu import KERNEL_FEATURES
 from mvd_deploy.device_profiles import resolve_target
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.export import export_build

@@ -7,10 +7,8 @@ ONNX Runtime CPU and Qualcomm AI Hub results the same way.
 from __future__ import annotations
 
 import dataclasses
-import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 from mvd_deploy.build import Build
@@ -26,9 +24,12 @@ class CompileOptions:
     calibration_samples: int | None = None  # None: ort-cpu static int8 4; phones: each profile's own
     form: str | None = None  # qnn-offline: w8a16 | float16 instead of each target's precision
     emulate: bool | None = None  # qnn-offline: the emulated check; None = only where quick
+    validate_on_cpus: tuple[str, ...] | str = ()  # ort-cpu int8: also validated on these x86 CPUs, emulated
 
     def __post_init__(self):
         self.int8 = (self.int8,) if isinstance(self.int8, str) else tuple(self.int8 or ())
+        cpus = self.validate_on_cpus
+        self.validate_on_cpus = (cpus,) if isinstance(cpus, str) else tuple(cpus or ())
 
 
 STATIC_INT8_CALIBRATION_SAMPLES = 4
@@ -55,32 +56,6 @@ class Backend:
     def profile(self, build: Build, targets: list, form: str | None, runs: int) -> list[dict]:
         """Measure the compiled form (default: each target's own) per target; ``new_profile`` schema."""
         raise NotImplementedError
-
-
-def _cpuinfo(field: str) -> str | None:
-    """The first ``field`` line's value in /proc/cpuinfo (None where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(field):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_name() -> str:
-    """This machine's CPU model, as profiles name the device that ran them."""
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
-
-
-# The x86 features that decide which int8 and fp32 kernels ONNX Runtime (MLAS) picks on this CPU.
-KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
-
-
-def cpu_features() -> list[str]:
-    """Which of KERNEL_FEATURES this CPU has (/proc/cpuinfo; empty where it cannot be read)."""
-    flags = set((_cpuinfo("flags") or "").split())
-    return [f for f in KERNEL_FEATURES if f in flags]
 
 
 def new_profile(target: str, form: str, build: Build, device: dict, runs: int) -> dict:

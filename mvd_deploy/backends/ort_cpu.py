@@ -29,8 +29,6 @@ from mvd_deploy.backends.base import (
     STATIC_INT8_CALIBRATION_SAMPLES,
     Backend,
     CompileOptions,
-    cpu_features,
-    cpu_name,
     finish_profile,
     new_profile,
 )
@@ -38,6 +36,14 @@ from mvd_deploy.backends.inputs import VALIDATION_SEED, pipeline_inputs
 from mvd_deploy.backends.ort_graph import rewritten_for_ort
 from mvd_deploy.build import Build
 from mvd_deploy.calibration import calibrate_min_max, calibration_reader
+from mvd_deploy.cpu import (
+    EMULATOR,
+    check_emulated_cpus,
+    cpu_features,
+    cpu_name,
+    emulator_version,
+    run_on_emulated_cpu,
+)
 from mvd_deploy.errors import MvdError
 from mvd_deploy.metrics import compare, conditioning_sensitivity, cost_views, require_psnr, top_ops
 from mvd_deploy.onnx_tools import (
@@ -91,8 +97,11 @@ class OrtCpuBackend(Backend):
         for target in targets:  # a profile may ask for a form the options did not
             if target.form not in forms and target.form.startswith("int8"):
                 forms.append(target.form)
+        if options.validate_on_cpus and forms == [base]:
+            raise MvdError("validate_on_cpus: checks int8 forms; none is asked for", parameter="validate_on_cpus")
+        check_emulated_cpus(options.validate_on_cpus, parameter="validate_on_cpus")
         records = {}
-        references: dict[str, tuple] = {}  # component → (inputs, export's outputs), shared by all forms
+        references: dict[str, tuple] = {}  # component → (inputs, export's outputs, {form: output}) for all forms
         for form in forms:
             key = f"{self.name}/{form}"
             records[key] = self._compile_form(build, form, options, references)
@@ -103,9 +112,11 @@ class OrtCpuBackend(Backend):
     def _compile_form(self, build: Build, form: str, options: CompileOptions, references: dict) -> dict:
         threshold = options.min_psnr_db if options.min_psnr_db is not None else DEFAULT_MIN_PSNR_DB[form]
         relative = f"compiled/{self.name}/{form}"
-        stages = Stages(len(build.components), logger, name=f"compile {self.name} {form}")
+        # int8 kernels differ between x86 CPUs: int8 forms are also checked on the CPUs asked for, emulated
+        emulated_cpus = options.validate_on_cpus if form.startswith("int8") else ()
+        stages = Stages(len(build.components) + len(emulated_cpus), logger, name=f"compile {self.name} {form}")
         record = {"target": self.name, "form": form, "directory": relative, "components": {}}
-        # its validation figures were measured on this CPU; int8 kernels differ between x86 CPUs
+        # its validation figures were measured on this CPU
         record["measured_on"] = {"cpu": cpu_name(), "features": cpu_features()}
         if form.startswith("int8"):
             record["int8_weights"] = INT8_WEIGHTS
@@ -116,7 +127,30 @@ class OrtCpuBackend(Backend):
                     record["components"][name] = self._compile_component(
                         build, name, form, staged, options, threshold, references
                     )
+            for cpu in emulated_cpus:
+                with stages.stage(f"every component once on {cpu}, emulated ({EMULATOR}; slow at full size)"):
+                    record.setdefault("emulated_cpus", {})[cpu] = self._validate_on_emulated_cpu(
+                        cpu, form, staged, record["components"], references
+                    )
         return record
+
+    def _validate_on_emulated_cpu(self, cpu: str, form: str, staged: Path, components: dict, references: dict):
+        """The form's components run once on ``cpu`` (one emulator process), validated as on this CPU:
+        against the export with the same threshold, and against what this CPU computed."""
+        names = list(components)
+        outputs, features = run_on_emulated_cpu(cpu, [(staged / f"{n}.onnx", references[n][0]) for n in names])
+        for name, output in zip(names, outputs, strict=True):
+            validation = components[name]["validation"]
+            check = compare(output, references[name][1]["output"]) | {"min_psnr_db": validation["min_psnr_db"]}
+            where = f"{name} ({self.name} {form} on {cpu}, emulated)"
+            require_psnr(check, where=where, consequence="the compiled form was not written")
+            this_cpu = compare(output, references[name][2][form])
+            validation.setdefault("emulated_cpus", {})[cpu] = {
+                "psnr_db": check["psnr_db"],
+                "max_abs_error": check["max_abs_error"],
+                "psnr_db_vs_this_cpu": this_cpu["psnr_db"],  # 200: the same output bit for bit
+            }
+        return {"features": features, "emulator": emulator_version()}
 
     def _compile_component(self, build: Build, name: str, form: str, staged: Path, options, threshold, references):
         target = staged / f"{name}.onnx"
@@ -133,10 +167,11 @@ class OrtCpuBackend(Backend):
         # (calibration draws other samples from the same distribution).
         if name not in references:
             [inputs] = pipeline_inputs(build, name, 1, seed=VALIDATION_SEED)
-            references[name] = (inputs, _outputs(build.onnx_path(name), inputs))
-        inputs, reference = references[name]
+            references[name] = (inputs, _outputs(build.onnx_path(name), inputs), {})
+        inputs, reference, compiled_outputs = references[name]
         # One session at a time: each holds the weights and (for the UNet) GBs of activations.
         compiled = _outputs(target, inputs)
+        compiled_outputs[form] = compiled["output"]  # what this CPU computed, for the emulated CPUs' check
         validation = compare(compiled["output"], reference["output"])
         sensitivity = (reference["sensitivity"], compiled["sensitivity"])
         validation |= {"min_psnr_db": threshold, "seed": VALIDATION_SEED, "reference": f"exported {name}.onnx"}

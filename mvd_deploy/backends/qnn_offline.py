@@ -34,7 +34,6 @@ from mvd_deploy import htp
 from mvd_deploy.backends.base import (
     Backend,
     CompileOptions,
-    cpu_name,
     finish_profile,
     new_profile,
     with_calibration,
@@ -42,6 +41,7 @@ from mvd_deploy.backends.base import (
 from mvd_deploy.backends.inputs import VALIDATION_SEED, pipeline_inputs
 from mvd_deploy.build import Build
 from mvd_deploy.calibration import calibrate_min_max, calibration_reader
+from mvd_deploy.cpu import cpu_name
 from mvd_deploy.device_profiles import HUB_PRECISIONS
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.metrics import compare, conditioning_sensitivity, require_psnr
