@@ -16,6 +16,7 @@ from mvd_deploy.backends.base import CompileOptions
 from mvd_deploy.backends.qai_hub import QaiHubBackend
 from mvd_deploy.build import Build, sha256_file
 from mvd_deploy.cli import main
+from mvd_deploy.cpu import cpu_features
 from mvd_deploy.device_profiles import load_device_profile
 
 
@@ -136,6 +137,7 @@ def test_profile_gate_on_ort_cpu(compiled_build, tmp_path):
     assert (compiled_build / "profiles" / "ort-cpu-fp32.junit.xml").is_file()
     profile = json.loads((compiled_build / "profiles" / "ort-cpu-fp32.json").read_text())
     assert profile["device"]["gemm_gflops"] > 0 and profile["components"]["unet"]["flops"] > 0
+    assert profile["device"]["features"] == cpu_features()
     result = runner.invoke(main, ["profile", str(compiled_build), "--target", str(tight), "--runs", "1", "--gate"])
     assert result.exit_code == 1
     gates = json.loads((compiled_build / "build.json").read_text())["gates"]["ort-cpu/fp32"]

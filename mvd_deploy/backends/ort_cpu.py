@@ -195,7 +195,12 @@ class OrtCpuBackend(Backend):
         record = build.compiled(key)
         threads = int(os.environ.get("MVD_ORT_THREADS", "0")) or os.cpu_count()
         # Measured in the same run as the model, so efficiency budgets compare like with like.
-        device = {"name": cpu_name(), "threads": threads, "gemm_gflops": round(gemm_gflops(threads), 1)}
+        device = {
+            "name": cpu_name(),
+            "features": cpu_features(),  # which MLAS kernels the timings are of
+            "threads": threads,
+            "gemm_gflops": round(gemm_gflops(threads), 1),
+        }
         profile = new_profile(self.name, form, build, device, runs)
         stages = Stages(len(record["components"]), logger, name=f"profile {key}")
         for name in record["components"]:
