@@ -7,8 +7,8 @@ the models' own instructions, that CPU's CPUID), so a machine with AVX-512 VNNI 
 one computes. The emulator gives exact instruction semantics (VPMADDUBSW saturates as the CPU does),
 not timings: it runs a call 100-300× slower than the host.
 
-python -m mvd_deploy.cpu JOBS.json   the emulated side: one process runs every job, then prints
-                                     the features it saw as one JSON line
+python -m mvd_deploy.cpu JOBS.json   the emulated side: one process runs every job, printing a
+                                     JSON line as each ends, then one with the features it saw
 
 Imports numpy and ONNX Runtime only (no torch): it runs under the emulator, where every import is slow.
 """
@@ -16,11 +16,13 @@ Imports numpy and ONNX Runtime only (no torch): it runs under the emulator, wher
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,8 @@ _NUMPY_NAMES = {
     "avx512bw": "AVX512BW",
     "avx512_vnni": "AVX512VNNI",
 }
+
+logger = logging.getLogger(__name__)
 
 EMULATOR = "qemu-x86_64"
 # An AVX2-only x86 CPU (AMD Zen 2): FMA, no AVX-512, no VNNI, as in issue 13's report.
@@ -103,30 +107,46 @@ def check_emulated_cpus(cpus: tuple[str, ...], *, parameter: str) -> None:
 
 def run_on_emulated_cpu(cpu: str, jobs: list[tuple[Path, dict[str, np.ndarray]]]) -> tuple[list[np.ndarray], list[str]]:
     """Each (compiled model, inputs) run once in one ``qemu-x86_64 -cpu cpu`` process, in a session made
-    as ``generate`` makes it; returns the first outputs and the KERNEL_FEATURES that CPU offered."""
-    with tempfile.TemporaryDirectory(prefix="mvd-emulated-") as tmp:
+    as ``generate`` makes it; returns the first outputs and the KERNEL_FEATURES that CPU offered. A line
+    per model as it finishes: a full-size UNet takes most of an hour there."""
+    with tempfile.TemporaryDirectory(prefix="mvd-emulated-") as tmp, open(Path(tmp) / "stderr", "w+") as stderr:
         spec = []
         for k, (model, inputs) in enumerate(jobs):
             np.savez(Path(tmp) / f"inputs{k}.npz", **inputs)
             spec.append({"model": str(model), "inputs": f"{tmp}/inputs{k}.npz", "output": f"{tmp}/output{k}.npy"})
         (Path(tmp) / "jobs.json").write_text(json.dumps(spec))
         command = [EMULATOR, "-cpu", cpu, sys.executable, "-m", "mvd_deploy.cpu", f"{tmp}/jobs.json"]
-        done = subprocess.run(command, capture_output=True, text=True)
-        # QEMU warns of every CPUID bit its TCG lacks (xsaves, ...): not the run's failure
-        errors = [line for line in done.stderr.splitlines() if line and not line.startswith(f"{EMULATOR}: warning")]
-        if done.returncode != 0:
-            raise MvdError(f"{EMULATOR} -cpu {cpu}: exit {done.returncode}: {errors[-1] if errors else 'no message'}")
-        features = json.loads(done.stdout.strip().splitlines()[-1])["features"]
-        return [np.load(job["output"]) for job in spec], features
+        reports = []
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True) as worker:
+            try:
+                for line in worker.stdout:
+                    if not line.startswith("{"):  # a library's own print
+                        continue
+                    reports.append(json.loads(line))
+                    if "model" in reports[-1]:
+                        name, seconds = reports[-1]["model"], reports[-1]["s"]
+                        logger.info("  on %s: %s (%d/%d) in %.0f s", cpu, name, len(reports), len(jobs), seconds)
+            finally:  # interrupted (Ctrl-C, SIGTERM): the emulator goes too
+                if worker.poll() is None:
+                    worker.kill()
+        if worker.returncode != 0:
+            stderr.seek(0)
+            # QEMU warns of every CPUID bit its TCG lacks (xsaves, ...): not the run's failure
+            lines = stderr.read().splitlines()
+            errors = [line for line in lines if line and not line.startswith(f"{EMULATOR}: warning")]
+            raise MvdError(f"{EMULATOR} -cpu {cpu}: exit {worker.returncode}: {errors[-1] if errors else 'no message'}")
+        return [np.load(job["output"]) for job in spec], reports[-1]["features"]
 
 
 def main() -> None:
     for job in json.loads(Path(sys.argv[1]).read_text()):
+        start = time.perf_counter()
         inputs = dict(np.load(job["inputs"]))
         session = compiled_session(job["model"])
         np.save(job["output"], session.run(None, inputs)[0])
         del session  # one model's weights at a time
-    print(json.dumps({"features": cpu_features()}))
+        print(json.dumps({"model": Path(job["model"]).name, "s": time.perf_counter() - start}), flush=True)
+    print(json.dumps({"features": cpu_features()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from mvd_deploy.cpu import (
     emulator_version,
     run_on_emulated_cpu,
 )
-from mvd_deploy.errors import ValidationFailed
+from mvd_deploy.errors import MvdError, ValidationFailed
 
 needs_emulator = pytest.mark.skipif(emulator_version() is None, reason=f"{EMULATOR} (qemu-user) is not installed")
 
@@ -85,6 +85,12 @@ def test_the_emulated_avx2_cpu_runs_the_saturating_int8_kernel(tmp_path):
     )
     [y], _ = run_on_emulated_cpu(AVX2_ONLY_CPU, [(small, {"a": a})])
     assert (y == 255 * 64 * k).all()
+
+
+@needs_emulator
+def test_a_failed_emulated_run_is_one_line_naming_the_cpu(tmp_path):
+    with pytest.raises(MvdError, match=r"^qemu-x86_64 -cpu EPYC-Rome: exit 1: .*missing\.onnx"):
+        run_on_emulated_cpu(AVX2_ONLY_CPU, [(tmp_path / "missing.onnx", {"x": np.zeros(1, np.float32)})])
 
 
 @pytest.mark.slow
