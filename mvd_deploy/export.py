@@ -1,10 +1,10 @@
 """``mvd-deploy export``: checkpoint → deploy passes → one validated ONNX model per component.
 
-Stages per component, each checkable on its own: reference outputs from the PyTorch deploy model →
-export (dynamo, opset 18, static shapes, float32 I/O) → simplify (onnxsim on the graph, weights
-detached) → onnx.checker → ONNX Runtime CPU run, compared with the reference (PSNR, max abs error).
-Everything is written into a temporary directory and moved to BUILD_DIR only when every component
-passed; a failed validation exits 1 and promotes nothing.
+Stages per component, each checkable on its own: export (dynamo, opset 18, static shapes, float32
+I/O; the PyTorch deploy model's reference outputs computed while it is written) → simplify (onnxsim
+on the graph, weights detached) → onnx.checker → ONNX Runtime CPU run, compared with the reference
+(PSNR, max abs error). Everything is written into a temporary directory and moved to BUILD_DIR only
+when every component passed; a failed validation exits 1 and promotes nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import gc
 import hashlib
 import logging
 import platform
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -28,7 +29,7 @@ from mvd_deploy.deploy import Deployment, deploy_checkpoint
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.fileio import atomic_output_dir, check_output_dir, write_json
 from mvd_deploy.metrics import compare
-from mvd_deploy.onnx_tools import Float32IO, check_onnx, describe_io, export_onnx, run_onnx, simplify_onnx
+from mvd_deploy.onnx_tools import Float32IO, check_onnx, describe_io, run_onnx, simplify_onnx, trace_onnx, write_onnx
 from mvd_deploy.pipeline import contract_of
 from mvd_deploy.progress import Stages
 from mvd_deploy.recipe import recipe_file
@@ -210,19 +211,85 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+class _Cancelled(Exception):
+    pass
+
+
+class BackgroundReference:
+    """A component's PyTorch reference outputs (fp32), computed on a daemon thread while the caller
+    goes on; a context manager, whose exit on an error stops the forward at its next module and
+    waits for it (a process that exits while the thread is inside a torch op aborts: "terminate
+    called without an active exception").
+
+    The export runs it beside onnxscript's optimisation and the writing of the weights, which leave a
+    core idle; the forward takes it (each op releases the GIL). Not beside the trace: torch's tracers
+    patch ``torch.nn.Module.__call__`` for every thread while they run (tried: the full-size export of
+    all four components failed in the decoder's trace, "module is not installed as a submodule").
+    """
+
+    def __init__(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+        self._output: np.ndarray | None = None
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._hooks = [m.register_forward_pre_hook(self._stop_if_cancelled) for m in module.modules()]
+        self._thread = threading.Thread(target=self._run, args=(module, inputs), name="reference", daemon=True)
+        self._thread.start()
+
+    def _stop_if_cancelled(self, module, args) -> None:
+        if self._cancelled:
+            raise _Cancelled
+
+    def _run(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                self._output = module(**inputs).numpy()
+        except _Cancelled:
+            pass
+        except BaseException as e:  # re-raised in the caller's thread by result()
+            self._error = e
+        finally:
+            for hook in self._hooks:
+                hook.remove()
+
+    def result(self) -> np.ndarray:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._output
+
+    def __enter__(self) -> BackgroundReference:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            self._cancelled = True
+            self._thread.join()
+
+
 def _export_component(pipeline, name, inputs, precision: str, threshold: float, directory: Path) -> dict:
-    stages = Stages(4, logger, name=f"export {name}")
+    cast = precision != "fp32"
+    stages = Stages(5 if cast else 4, logger, name=f"export {name}")
     module = getattr(pipeline, name)
     path = directory / f"{name}.onnx"
     params = sum(p.numel() for p in module.parameters())
-    with stages.stage("PyTorch reference outputs (fp32)"), torch.no_grad():
-        reference = module(**inputs).numpy()
+    if cast:  # Float32IO casts the module's weights in place: the fp32 reference comes first
+        with stages.stage("PyTorch reference outputs (fp32)"), torch.no_grad():
+            reference = module(**inputs).numpy()
     with stages.stage(f"torch.onnx.export (dynamo, opset 18, {precision})"):
-        exported = Float32IO(module, PRECISIONS[precision]) if precision != "fp32" else module
-        export_onnx(exported, inputs, OUTPUT_NAMES[name], path)
+        exported = Float32IO(module, PRECISIONS[precision]) if cast else module
+        model = trace_onnx(exported, inputs, OUTPUT_NAMES[name])
+    with stages.stage(
+        "onnxscript optimisation, weights written" + ("" if cast else "; PyTorch reference outputs beside")
+    ):
+        if cast:
+            write_onnx(model, path)
+        else:
+            with BackgroundReference(module, inputs) as forward:
+                write_onnx(model, path)
+                reference = forward.result()
         # The PyTorch model is no longer needed: free it before ONNX Runtime loads its own copy.
         setattr(pipeline, name, None)
-        del module, exported
+        del module, exported, model
         release_memory()
     with stages.stage("simplify (onnxsim, weights detached) and onnx.checker"):
         nodes_before, nodes_after = simplify_onnx(path)

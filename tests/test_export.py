@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -109,14 +110,14 @@ def test_failed_validation_promotes_nothing(tiny_checkpoint, tmp_path):
 def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     import mvd_deploy.export as export
 
-    real_export = export.export_onnx
+    real_write = export.write_onnx
 
-    def interrupted(module, inputs, output_name, path):
-        real_export(module, inputs, output_name, path)
+    def interrupted(model, path):
+        real_write(model, path)
         assert path.is_file()  # files written into the staging directory, then the interruption
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export, "export_onnx", interrupted)
+    monkeypatch.setattr(export, "write_onnx", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_build(tiny_checkpoint, out=tmp_path / "b", components="decoder")
     assert list(tmp_path.iterdir()) == []
@@ -145,6 +146,64 @@ def test_export_of_one_component_reads_only_its_weights_and_records_what_a_full_
     pipeline = deploy_checkpoint(tiny_checkpoint, check=False).pipeline  # counted afresh, not from the pass log
     for name, component in full["components"].items():
         assert component["flops"] == pipeline.flops(name) > 0, name
+
+
+def test_reference_computed_beside_the_write_is_the_modules_output_and_its_errors_surface(tiny_checkpoint):
+    from mvd_deploy.deploy import deploy_checkpoint
+    from mvd_deploy.export import BackgroundReference, component_inputs
+
+    pipeline = deploy_checkpoint(tiny_checkpoint).pipeline
+    unet, inputs = pipeline.unet, component_inputs(pipeline, "unet")
+    with torch.no_grad():
+        serial = unet(**inputs).numpy()
+    beside = BackgroundReference(unet, inputs).result()  # on a thread, with grad mode off there too
+    np.testing.assert_allclose(beside, serial, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'frames'"):
+        BackgroundReference(unet, inputs | {"frames": inputs["sample"]}).result()
+
+
+def test_an_error_beside_the_reference_stops_its_forward_at_the_next_module():
+    """A process must not exit while the thread is inside a torch op (it aborts): an error in the
+    block stops the forward at its next module and waits for it."""
+    from mvd_deploy.export import BackgroundReference
+
+    blocks = [torch.nn.Linear(64, 64) for _ in range(50)]
+    ran = []
+    for block in blocks:
+        block.register_forward_hook(lambda *_: ran.append(1) or time.sleep(0.01))
+    with pytest.raises(OSError, match="No space left"):
+        with BackgroundReference(torch.nn.Sequential(*blocks), {"input": torch.randn(8, 64)}) as forward:
+            raise OSError(28, "No space left on device")
+    assert not forward._thread.is_alive() and len(ran) < len(blocks)
+    assert not any(block._forward_pre_hooks for block in blocks)  # its hooks removed
+
+
+def test_strided_weights_are_written_as_onnx_ir_writes_them(tmp_path):
+    """The optimiser folds a Linear's transposed weight into a strided numpy view; write_onnx writes
+    it through a contiguous copy (faster), byte for byte what onnx_ir.save writes."""
+    import onnx_ir
+
+    from mvd_deploy.onnx_tools import optimize_exported, trace_onnx, write_onnx
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.GELU(), torch.nn.Linear(96, 32)).eval()
+    inputs = {"input": torch.randn(2, 4, 48)}  # 3-D: exported as MatMul by a transposed weight, not Gemm
+    plain = trace_onnx(layer, inputs, "out")
+    optimize_exported(plain)
+    strided = [
+        v
+        for v in plain.graph.initializers.values()
+        if getattr(v.const_value, "raw", None) is not None
+        and isinstance(v.const_value.raw, np.ndarray)
+        and not v.const_value.raw.flags.c_contiguous
+    ]
+    assert strided, "the case this test is for: a folded transpose kept as a strided view"
+    onnx_ir.save(plain, tmp_path / "plain.onnx", external_data="plain.data")
+    write_onnx(trace_onnx(layer, inputs, "out"), tmp_path / "fast.onnx")
+    assert (tmp_path / "fast.data").read_bytes() == (tmp_path / "plain.data").read_bytes()
+    output = run_onnx(tmp_path / "fast.onnx", {"input": inputs["input"].numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(output, layer(**inputs).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_background_hashes_are_the_files_own_and_a_missing_file_is_named(tmp_path):

@@ -42,7 +42,7 @@ def _terminate(proc: subprocess.Popen) -> list[str]:
 def test_sigterm_during_export_removes_the_partial_build(tiny_checkpoint, tmp_path):
     builds = tmp_path / "builds"
     proc = _start([sys.executable, "-m", "mvd_deploy", "export", str(tiny_checkpoint), "--out", str(builds / "b")])
-    _wait_for_line(proc, "[export unet 2/4] torch.onnx.export")  # the dynamo export: many seconds
+    _wait_for_line(proc, "[export unet 1/4] torch.onnx.export")  # the dynamo export: many seconds
     (partial,) = builds.glob(".b.partial-*")  # what the signal must not leave behind
     stderr = _terminate(proc)
     assert proc.returncode == 128 + signal.SIGTERM == 143
