@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mvd_deploy.background import at_idle_priority
 from mvd_deploy.errors import MvdError
 from mvd_deploy.fileio import load_json, owned_temp_dir, staged_dir, swap_in, write_json
 
@@ -29,8 +30,8 @@ def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
 
 class BackgroundHashes:
     """sha256, size and mtime of each of ``paths`` (by file name; a manifest's ``files`` entry) on a
-    daemon thread, while the caller goes on: hashlib releases the GIL, so hashing takes a second core
-    beside loading and compute instead of time after them."""
+    daemon thread at idle priority, while the caller goes on: hashlib releases the GIL, so hashing
+    takes the CPU time loading and compute leave idle instead of time after them."""
 
     def __init__(self, paths: list[Path]):
         self._entries: dict[str, dict] = {}
@@ -39,6 +40,7 @@ class BackgroundHashes:
         self._thread.start()
 
     def _run(self, paths: list[Path]) -> None:
+        at_idle_priority()
         try:
             for path in paths:
                 stat = path.stat()

@@ -103,7 +103,7 @@ def _make_passes(
 def format_pass_log(results: list[PassResult]) -> str:
     lines = [f"  {'pass':<30} {'component':<9} {'params':>23} {'GFLOPs':>21} {'rel. error':>10}  change"]
     for r in results:
-        err = f"{r.rel_error:.1e}" if r.rel_error is not None else ("-" if not r.exact else "unchecked")
+        err = f"{r.rel_error:.1e}" if r.rel_error is not None else ("unchecked" if r.exact and r.changed else "-")
         lines.append(
             f"  {r.name:<30} {r.component:<9} {r.params_before:>11,}→{r.params_after:<11,} "
             f"{r.flops_before / 1e9:>10.1f}→{r.flops_after / 1e9:<10.1f} {err:>10}  {r.changed or 'nothing to do'}"

@@ -23,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mvd_deploy.background import at_idle_priority
 from mvd_deploy.build import BUILD_FORMAT, MANIFEST, BackgroundHashes, Build
 from mvd_deploy.checkpoint import CONFIG_FILE, ENCODER_WEIGHTS, WEIGHTS_FILE
 from mvd_deploy.deploy import Deployment, deploy_checkpoint
 from mvd_deploy.errors import MvdError, ValidationFailed
 from mvd_deploy.fileio import atomic_output_dir, check_output_dir, write_json
 from mvd_deploy.metrics import compare
+from mvd_deploy.onednn import onednn_linear
 from mvd_deploy.onnx_tools import Float32IO, check_onnx, describe_io, run_onnx, simplify_onnx, trace_onnx, write_onnx
 from mvd_deploy.pipeline import contract_of
 from mvd_deploy.progress import Stages
@@ -37,6 +39,11 @@ from mvd_deploy.stages import stage_table
 
 BUILD_VERSION = 1
 COMPONENTS = ("image_encoder", "vae_encoder", "unet", "decoder")  # in the order the pipeline runs them
+# The order they are exported in: the UNet last. Its trace (9 s at full size, Python on one core) is
+# the longest stretch that leaves a core idle, and the others' ONNX Runtime checks fill it; they are
+# waited for before its forward, the export's largest in memory (a CLIP encoder's check beside it:
+# +1.9 GB peak, measured).
+EXPORT_ORDER = ("image_encoder", "vae_encoder", "decoder", "unet")
 OUTPUT_NAMES = {
     "image_encoder": "image_embeds",
     "vae_encoder": "image_latents",
@@ -111,7 +118,7 @@ def export_build(
     out = check_output_dir(Path(out))
     threshold = MIN_PSNR_DB[precision] if min_psnr_db is None else min_psnr_db
     start = time.perf_counter()
-    # The checkpoint's hashes (provenance, 8.9 GB at full size: ~6 s) on a thread beside the load and passes.
+    # The checkpoint's hashes (provenance, 8.9 GB at full size: ~6 s of a core) at idle priority beside the export.
     checkpoint_files = [Path(checkpoint) / f for f in (CONFIG_FILE, WEIGHTS_FILE, *ENCODER_WEIGHTS.values())]
     checkpoint_sha256 = BackgroundHashes([f for f in checkpoint_files if f.is_file()])
 
@@ -133,15 +140,7 @@ def export_build(
                 f"components: {name!r} is not in this deployment (its passes make {', '.join(available)})",
                 parameter="components",
             )
-    manifest = _manifest(
-        checkpoint,
-        recipe,
-        precision,
-        deployment,
-        taesd_dir=taesd_dir,
-        decoder_seed=decoder_seed,
-        checkpoint_sha256={name: entry["sha256"] for name, entry in checkpoint_sha256.result().items()},
-    )
+    manifest = _manifest(checkpoint, recipe, precision, deployment, taesd_dir=taesd_dir, decoder_seed=decoder_seed)
     # Inputs and FLOPs first: each component's PyTorch model is freed once it is exported.
     inputs = {name: component_inputs(pipeline, name) for name in components}
     counted = {r.component: r.flops_after for r in deployment.passes}  # as the last pass on each left it
@@ -152,13 +151,21 @@ def export_build(
         if name not in components:
             setattr(pipeline, name, None)
     release_memory()
-    with atomic_output_dir(out) as tmp:
-        written = []
-        for name in components:
-            record = _export_component(pipeline, name, inputs[name], precision, threshold, tmp)
-            manifest["components"][name] = record | {"flops": flops[name]}
+    with atomic_output_dir(out) as tmp, contextlib.ExitStack() as running:
+        records, checks, written = {}, {}, []
+        order = sorted(components, key=EXPORT_ORDER.index)
+        for name in order:
+            # the last (the UNet) waits for the others' validations before its forward, the export's largest
+            earlier = list(checks.values()) if name == order[-1] else []
+            records[name], check = _export_component(
+                pipeline, name, inputs[name], precision, threshold, tmp, earlier=earlier
+            )
+            checks[name] = running.enter_context(check)  # on an error: its run stopped, and waited for
             # hashed while the next component exports; save_manifest keeps an entry whose size and mtime match
-            written.append(BackgroundHashes([tmp / f for f in (record["onnx"], record["data"]) if f]))
+            written.append(BackgroundHashes([tmp / f for f in (records[name]["onnx"], records[name]["data"]) if f]))
+        for name in components:
+            manifest["components"][name] = records[name] | {"validation": checks[name].result(), "flops": flops[name]}
+        manifest["checkpoint_sha256"] = {name: entry["sha256"] for name, entry in checkpoint_sha256.result().items()}
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
         manifest["files"] = {name: entry for hashes in written for name, entry in hashes.result().items()}
         write_json(tmp / MANIFEST, manifest)
@@ -174,7 +181,6 @@ def _manifest(
     *,
     taesd_dir: str | Path | None,
     decoder_seed: int,
-    checkpoint_sha256: dict[str, str],
 ) -> dict:
     """The build manifest before any component is exported: where it came from, Table 8, the pass log,
     and what an app needs to run the components as a pipeline."""
@@ -194,7 +200,7 @@ def _manifest(
         "pipeline": contract_of(pipeline).to_dict() if pipeline.image_encoder is not None else None,
         "decoder_source": {"taesd_dir": str(taesd_dir) if taesd_dir else None, "decoder_seed": decoder_seed},
         "video": spec.mobilevd.video.__dict__,
-        "checkpoint_sha256": checkpoint_sha256,
+        "checkpoint_sha256": None,  # filled in when its hashes are done (beside the export)
         "recipe_sha256": hashlib.sha256(recipe_file(recipe).read_bytes()).hexdigest() if recipe else None,
         "stages": stage_table(spec),
         "passes": [r.to_dict() for r in deployment.passes],
@@ -241,7 +247,7 @@ class BackgroundReference:
 
     def _run(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> None:
         try:
-            with torch.no_grad():  # grad mode is per thread
+            with torch.no_grad(), onednn_linear():  # grad mode and function modes are per thread
                 self._output = module(**inputs).numpy()
         except _Cancelled:
             pass
@@ -266,18 +272,29 @@ class BackgroundReference:
             self._thread.join()
 
 
-def _export_component(pipeline, name, inputs, precision: str, threshold: float, directory: Path) -> dict:
+def _export_component(
+    pipeline, name, inputs, precision: str, threshold: float, directory: Path, *, earlier: list[BackgroundValidation]
+) -> tuple[dict, BackgroundValidation]:
+    """Export, write, simplify and check one component; its record, and its validation under way.
+
+    The ``earlier`` validations still running go on beside this one's trace (one core) and are waited
+    for before its first forward, so that their ONNX Runtime sessions do not add to its memory; a
+    failed one stops the export there."""
     cast = precision != "fp32"
     stages = Stages(5 if cast else 4, logger, name=f"export {name}")
     module = getattr(pipeline, name)
     path = directory / f"{name}.onnx"
     params = sum(p.numel() for p in module.parameters())
     if cast:  # Float32IO casts the module's weights in place: the fp32 reference comes first
-        with stages.stage("PyTorch reference outputs (fp32)"), torch.no_grad():
+        for check in earlier:
+            check.result()
+        with stages.stage("PyTorch reference outputs (fp32)"), torch.no_grad(), onednn_linear():
             reference = module(**inputs).numpy()
     with stages.stage(f"torch.onnx.export (dynamo, opset 18, {precision})"):
         exported = Float32IO(module, PRECISIONS[precision]) if cast else module
         model = trace_onnx(exported, inputs, OUTPUT_NAMES[name])
+    for check in earlier:
+        check.result()
     with stages.stage(
         "onnxscript optimisation, weights written" + ("" if cast else "; PyTorch reference outputs beside")
     ):
@@ -294,24 +311,65 @@ def _export_component(pipeline, name, inputs, precision: str, threshold: float, 
     with stages.stage("simplify (onnxsim, weights detached) and onnx.checker"):
         nodes_before, nodes_after = simplify_onnx(path)
         check_onnx(path)
-    with stages.stage("ONNX Runtime CPU vs PyTorch"):
-        output = run_onnx(path, {k: v.numpy() for k, v in inputs.items()})
-        validation = compare(output, reference)
-    validation |= {"min_psnr_db": threshold, "seed": VALIDATION_SEED, "reference": "PyTorch fp32 deploy model"}
-    if not validation["psnr_db"] >= threshold:
-        raise ValidationFailed(
-            f"{name}: ONNX Runtime output is {validation['psnr_db']} dB PSNR against PyTorch, below the "
-            f"{threshold} dB threshold (max abs error {validation['max_abs_error']:.3g}); nothing was written"
-        )
-    return {
+    record = {
         "onnx": path.name,
         "data": f"{name}.data" if (directory / f"{name}.data").exists() else None,
         **describe_io(path),
         "params": params,
         "nodes": {"exported": nodes_before, "simplified": nodes_after},
-        "validation": validation,
         "output_range": [float(np.min(reference)), float(np.max(reference))],
     }
+    return record, BackgroundValidation(name, stages, path, inputs, reference, threshold)
+
+
+class BackgroundValidation:
+    """A component's ONNX Runtime CPU run compared with its PyTorch reference, on a daemon thread at
+    idle priority while the export goes on (the next component's trace leaves a core idle); the
+    stage's lines come from that thread. A context manager whose exit on an error stops the run
+    (``RunOptions.terminate``) and waits for it. :meth:`result`: the validation record, or
+    ValidationFailed below ``threshold``."""
+
+    def __init__(self, name: str, stages: Stages, path: Path, inputs, reference: np.ndarray, threshold: float):
+        import onnxruntime as ort
+
+        self._run_options = ort.RunOptions()
+        self._validation: dict | None = None
+        self._error: BaseException | None = None
+        feeds = {k: v.numpy() for k, v in inputs.items()}
+        self._thread = threading.Thread(
+            target=self._run, args=(name, stages, path, feeds, reference, threshold), name="validation", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, name, stages, path, feeds, reference, threshold) -> None:
+        at_idle_priority()  # before the session: its pool threads inherit it
+        try:
+            with stages.stage("ONNX Runtime CPU vs PyTorch (at idle priority, beside what follows)"):
+                output = run_onnx(path, feeds, run_options=self._run_options)
+            validation = compare(output, reference)
+            validation |= {"min_psnr_db": threshold, "seed": VALIDATION_SEED, "reference": "PyTorch fp32 deploy model"}
+            if not validation["psnr_db"] >= threshold:
+                raise ValidationFailed(
+                    f"{name}: ONNX Runtime output is {validation['psnr_db']} dB PSNR against PyTorch, below the "
+                    f"{threshold} dB threshold (max abs error {validation['max_abs_error']:.3g}); nothing was written"
+                )
+            self._validation = validation
+        except BaseException as e:  # re-raised in the caller's thread by result()
+            self._error = e
+
+    def result(self) -> dict:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._validation
+
+    def __enter__(self) -> BackgroundValidation:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            self._run_options.terminate = True
+            self._thread.join()
 
 
 def format_build(manifest: dict, out) -> str:

@@ -350,9 +350,11 @@ def ort_session(path: Path, optimization: str = "basic", optimized_path: Path | 
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
-def run_onnx(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
+def run_onnx(path: Path, inputs: dict[str, np.ndarray], *, run_options=None) -> np.ndarray:
+    """The first output of one call (``run_options``: an ``onnxruntime.RunOptions``, whose
+    ``terminate`` stops the call from another thread)."""
     session = ort_session(path, low_memory=True)
-    return session.run(None, inputs)[0]
+    return session.run(None, inputs, run_options)[0]
 
 
 # The exporter shares one ones/zeros pair among all GroupNorms with the same group count (all of the

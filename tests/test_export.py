@@ -101,10 +101,65 @@ def test_fp16_export_with_conditioning_inputs(tiny_checkpoint, tmp_path):
     assert manifest["conditioning"] == "inputs" and "fold_conditioning" not in [p["name"] for p in manifest["passes"]]
 
 
-def test_failed_validation_promotes_nothing(tiny_checkpoint, tmp_path):
-    with pytest.raises(ValidationFailed, match=r"decoder: ONNX Runtime output is .* dB PSNR against PyTorch, below"):
-        export_build(tiny_checkpoint, out=tmp_path / "b", components="decoder", min_psnr_db=500.0)
+# the last component's validation fails at the end; an earlier one's, run beside the next export, before its forward
+@pytest.mark.parametrize("components, first_failed", [("decoder", "decoder"), ("vae_encoder,decoder", "vae_encoder")])
+def test_failed_validation_promotes_nothing(tiny_checkpoint, tmp_path, components, first_failed):
+    match = rf"{first_failed}: ONNX Runtime output is .* dB PSNR against PyTorch, below"
+    with pytest.raises(ValidationFailed, match=match):
+        export_build(tiny_checkpoint, out=tmp_path / "b", components=components, min_psnr_db=500.0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_stops_a_validation_under_way(tmp_path):
+    """An export that fails while an earlier component's ONNX Runtime check runs beside it stops that
+    run (a process must not exit inside it) and waits for it."""
+    from onnx import TensorProto, helper
+
+    from mvd_deploy.export import BackgroundValidation
+    from mvd_deploy.progress import Stages
+
+    # 400 chained 1024x1024 products (860 GFLOP): seconds of ONNX Runtime work, stoppable between nodes
+    nodes = [helper.make_node("MatMul", [f"x{i}", "w"], [f"x{i + 1}"]) for i in range(400)]
+    weight = numpy_helper.from_array(np.eye(1024, dtype=np.float32), "w")
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1024, 1024])],
+        [helper.make_tensor_value_info("x400", TensorProto.FLOAT, [1024, 1024])],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "chain.onnx")
+    inputs = {"x0": torch.ones(1024, 1024)}
+    stages = Stages(1, __import__("logging").getLogger("test"))
+    reference = np.ones((1024, 1024), np.float32)
+    with pytest.raises(OSError, match="No space left"):
+        with BackgroundValidation("chain", stages, tmp_path / "chain.onnx", inputs, reference, 0.0) as check:
+            time.sleep(0.2)  # under way
+            raise OSError(28, "No space left on device")
+    assert not check._thread.is_alive()
+    with pytest.raises(Exception, match="terminate"):  # ONNX Runtime's "Exiting due to terminate flag being set"
+        check.result()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "setpriority"), reason="no thread priorities here")
+def test_idle_priority_lowers_only_the_calling_thread():
+    import os
+    import threading
+
+    from mvd_deploy.background import LOWEST_NICE, at_idle_priority
+
+    seen = {}
+
+    def background():
+        at_idle_priority()
+        seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = threading.Thread(target=background)
+    thread.start()
+    thread.join()
+    assert seen["thread"] == LOWEST_NICE
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
 
 
 def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
@@ -151,12 +206,13 @@ def test_export_of_one_component_reads_only_its_weights_and_records_what_a_full_
 def test_reference_computed_beside_the_write_is_the_modules_output_and_its_errors_surface(tiny_checkpoint):
     from mvd_deploy.deploy import deploy_checkpoint
     from mvd_deploy.export import BackgroundReference, component_inputs
+    from mvd_deploy.onednn import onednn_linear
 
     pipeline = deploy_checkpoint(tiny_checkpoint).pipeline
     unet, inputs = pipeline.unet, component_inputs(pipeline, "unet")
-    with torch.no_grad():
+    with torch.no_grad(), onednn_linear():
         serial = unet(**inputs).numpy()
-    beside = BackgroundReference(unet, inputs).result()  # on a thread, with grad mode off there too
+    beside = BackgroundReference(unet, inputs).result()  # on a thread, grad mode off and oneDNN Linear there too
     np.testing.assert_allclose(beside, serial, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="unexpected keyword argument 'frames'"):
         BackgroundReference(unet, inputs | {"frames": inputs["sample"]}).result()

@@ -1,10 +1,12 @@
 """The pass manager: runs an ordered list of passes and proves each exact one kept the outputs.
 
-Every exact pass is checked against its own input model on fixed random inputs (fp32): the UNet's
-output before and after (as the 1-step sampler's clean latent, so that fold_sampler is checked too)
-must agree to ``tolerance`` (max abs error relative to the output's largest magnitude). The check
-runs at a reduced latent size (the passes rewrite weights and layer structure, never anything that
-depends on the spatial size), so full-size models check in seconds.
+Every exact pass that changed something is checked against its own input model on fixed random
+inputs (fp32; a pass with nothing to do left the model as it was, and is neither checked nor counted
+again): the UNet's output before and after (as the 1-step sampler's clean latent, so that
+fold_sampler is checked too; fp32 Linear through oneDNN, mvd_deploy.onednn) must agree to
+``tolerance`` (max abs error relative to the output's largest magnitude). The check runs at a
+reduced latent size (the passes rewrite weights and layer structure, never anything that depends on
+the spatial size), so full-size models check in seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mvd_deploy.model.sampler import denoised
+from mvd_deploy.onednn import onednn_linear
 from mvd_deploy.passes import PASSES, DeployPipeline, Pass, PassError, PassOptions
 from mvd_deploy.progress import progress_bar
 
@@ -34,7 +37,7 @@ class PassResult:
     params_after: int
     flops_before: int  # one call of the component at the recipe's shape
     flops_after: int
-    max_abs_error: float | None  # exact passes, when checked
+    max_abs_error: float | None  # exact passes that changed something, when checked
     rel_error: float | None
     seconds: float
 
@@ -112,7 +115,8 @@ class _EquivalenceCheck:
 
     def _unet_output(self) -> torch.Tensor:
         unet = self.pipeline.unet  # as the 1-step sampler's clean latent, so that fold_sampler is checked too
-        return denoised(unet, unet.example_inputs(seed=self.seed, latent_hw=self.hw))
+        with onednn_linear():
+            return denoised(unet, unet.example_inputs(seed=self.seed, latent_hw=self.hw))
 
     def after(self, p: Pass) -> tuple[float | None, float | None]:
         """(max abs error, relative error) of an exact pass against its input; PassError past tolerance."""
@@ -165,10 +169,14 @@ def run_passes(
             start = time.perf_counter()
             changed = p(pipeline, position=position)
             seconds = time.perf_counter() - start
-            max_abs, rel = equivalence.after(p)
-            equivalence.decoder_finite(p)
             counts.applied += (p.name,)
-            params_after, flops_after = counts.recount(p.component)
+            if changed:
+                max_abs, rel = equivalence.after(p)
+                equivalence.decoder_finite(p)
+                params_after, flops_after = counts.recount(p.component)
+            else:  # passes are idempotent: nothing to do means the very same model as before it
+                max_abs = rel = None
+                params_after, flops_after = params_before, flops_before
             results.append(
                 PassResult(
                     name=p.name,
