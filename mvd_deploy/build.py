@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mvd_deploy.background import at_idle_priority
+from mvd_deploy.background import BackgroundTask, at_idle_priority
 from mvd_deploy.errors import MvdError
 from mvd_deploy.fileio import load_json, owned_temp_dir, staged_dir, swap_in, write_json
 
@@ -28,35 +27,27 @@ def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
     return digest.hexdigest()
 
 
-class BackgroundHashes:
+class BackgroundHashes(BackgroundTask):
     """sha256, size and mtime of each of ``paths`` (by file name; a manifest's ``files`` entry) on a
     daemon thread at idle priority, while the caller goes on: hashlib releases the GIL, so hashing
     takes the CPU time loading and compute leave idle instead of time after them."""
 
+    thread_name = "sha256"
+
     def __init__(self, paths: list[Path]):
-        self._entries: dict[str, dict] = {}
-        self._error: OSError | None = None
-        self._thread = threading.Thread(target=self._run, args=(paths,), name="sha256", daemon=True)
-        self._thread.start()
+        self._paths = paths
+        super().__init__()
 
-    def _run(self, paths: list[Path]) -> None:
+    def run(self) -> dict[str, dict]:
         at_idle_priority()
-        try:
-            for path in paths:
+        entries = {}
+        for path in self._paths:
+            try:
                 stat = path.stat()
-                self._entries[path.name] = {
-                    "sha256": sha256_file(path),
-                    "bytes": stat.st_size,
-                    "mtime_ns": stat.st_mtime_ns,
-                }
-        except OSError as e:
-            self._error = e
-
-    def result(self) -> dict[str, dict]:
-        self._thread.join()
-        if self._error is not None:
-            raise MvdError(f"{self._error.filename}: cannot read ({self._error.strerror})")
-        return self._entries
+                entries[path.name] = {"sha256": sha256_file(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            except OSError as e:
+                raise MvdError(f"{e.filename}: cannot read ({e.strerror})") from None
+        return entries
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import gc
 import hashlib
 import logging
 import platform
-import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvd_deploy.background import at_idle_priority
+from mvd_deploy.background import BackgroundTask, at_idle_priority
 from mvd_deploy.build import BUILD_FORMAT, MANIFEST, BackgroundHashes, Build
 from mvd_deploy.checkpoint import CONFIG_FILE, ENCODER_WEIGHTS, WEIGHTS_FILE
 from mvd_deploy.deploy import Deployment, deploy_checkpoint
@@ -221,11 +220,9 @@ class _Cancelled(Exception):
     pass
 
 
-class BackgroundReference:
+class BackgroundReference(BackgroundTask):
     """A component's PyTorch reference outputs (fp32), computed on a daemon thread while the caller
-    goes on; a context manager, whose exit on an error stops the forward at its next module and
-    waits for it (a process that exits while the thread is inside a torch op aborts: "terminate
-    called without an active exception").
+    goes on; cancelled, the forward stops at its next module.
 
     The export runs it beside onnxscript's optimisation and the writing of the weights, which leave a
     core idle; the forward takes it (each op releases the GIL). Not beside the trace: torch's tracers
@@ -233,43 +230,29 @@ class BackgroundReference:
     all four components failed in the decoder's trace, "module is not installed as a submodule").
     """
 
+    thread_name = "reference"
+
     def __init__(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]):
-        self._output: np.ndarray | None = None
-        self._error: BaseException | None = None
-        self._cancelled = False
+        self._module, self._inputs, self._cancelled = module, inputs, False
         self._hooks = [m.register_forward_pre_hook(self._stop_if_cancelled) for m in module.modules()]
-        self._thread = threading.Thread(target=self._run, args=(module, inputs), name="reference", daemon=True)
-        self._thread.start()
+        super().__init__()
 
     def _stop_if_cancelled(self, module, args) -> None:
         if self._cancelled:
             raise _Cancelled
 
-    def _run(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+    def run(self) -> np.ndarray | None:
         try:
             with torch.no_grad(), onednn_linear():  # grad mode and function modes are per thread
-                self._output = module(**inputs).numpy()
+                return self._module(**self._inputs).numpy()
         except _Cancelled:
-            pass
-        except BaseException as e:  # re-raised in the caller's thread by result()
-            self._error = e
+            return None
         finally:
             for hook in self._hooks:
                 hook.remove()
 
-    def result(self) -> np.ndarray:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._output
-
-    def __enter__(self) -> BackgroundReference:
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is not None:
-            self._cancelled = True
-            self._thread.join()
+    def cancel(self) -> None:
+        self._cancelled = True
 
 
 def _export_component(
@@ -322,54 +305,47 @@ def _export_component(
     return record, BackgroundValidation(name, stages, path, inputs, reference, threshold)
 
 
-class BackgroundValidation:
+class BackgroundValidation(BackgroundTask):
     """A component's ONNX Runtime CPU run compared with its PyTorch reference, on a daemon thread at
     idle priority while the export goes on (the next component's trace leaves a core idle); the
-    stage's lines come from that thread. A context manager whose exit on an error stops the run
-    (``RunOptions.terminate``) and waits for it. :meth:`result`: the validation record, or
-    ValidationFailed below ``threshold``."""
+    stage's lines come from that thread. Cancelled, the run stops (``RunOptions.terminate``).
+    :meth:`result`: the validation record, or ValidationFailed below ``threshold``."""
+
+    thread_name = "validation"
 
     def __init__(self, name: str, stages: Stages, path: Path, inputs, reference: np.ndarray, threshold: float):
         import onnxruntime as ort
 
-        self._run_options = ort.RunOptions()
-        self._validation: dict | None = None
-        self._error: BaseException | None = None
-        feeds = {k: v.numpy() for k, v in inputs.items()}
-        self._thread = threading.Thread(
-            target=self._run, args=(name, stages, path, feeds, reference, threshold), name="validation", daemon=True
+        self._name, self._stages, self._path, self._reference, self._threshold = (
+            name,
+            stages,
+            path,
+            reference,
+            threshold,
         )
-        self._thread.start()
+        self._feeds = {k: v.numpy() for k, v in inputs.items()}
+        self._run_options = ort.RunOptions()
+        super().__init__()
 
-    def _run(self, name, stages, path, feeds, reference, threshold) -> None:
+    def run(self) -> dict:
         at_idle_priority()  # before the session: its pool threads inherit it
-        try:
-            with stages.stage("ONNX Runtime CPU vs PyTorch (at idle priority, beside what follows)"):
-                output = run_onnx(path, feeds, run_options=self._run_options)
-            validation = compare(output, reference)
-            validation |= {"min_psnr_db": threshold, "seed": VALIDATION_SEED, "reference": "PyTorch fp32 deploy model"}
-            if not validation["psnr_db"] >= threshold:
-                raise ValidationFailed(
-                    f"{name}: ONNX Runtime output is {validation['psnr_db']} dB PSNR against PyTorch, below the "
-                    f"{threshold} dB threshold (max abs error {validation['max_abs_error']:.3g}); nothing was written"
-                )
-            self._validation = validation
-        except BaseException as e:  # re-raised in the caller's thread by result()
-            self._error = e
+        with self._stages.stage("ONNX Runtime CPU vs PyTorch (at idle priority, beside what follows)"):
+            output = run_onnx(self._path, self._feeds, run_options=self._run_options)
+        validation = compare(output, self._reference)
+        validation |= {
+            "min_psnr_db": self._threshold,
+            "seed": VALIDATION_SEED,
+            "reference": "PyTorch fp32 deploy model",
+        }
+        if not validation["psnr_db"] >= self._threshold:
+            raise ValidationFailed(
+                f"{self._name}: ONNX Runtime output is {validation['psnr_db']} dB PSNR against PyTorch, below the "
+                f"{self._threshold} dB threshold (max abs error {validation['max_abs_error']:.3g}); nothing was written"
+            )
+        return validation
 
-    def result(self) -> dict:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._validation
-
-    def __enter__(self) -> BackgroundValidation:
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is not None:
-            self._run_options.terminate = True
-            self._thread.join()
+    def cancel(self) -> None:
+        self._run_options.terminate = True
 
 
 def format_build(manifest: dict, out) -> str:
