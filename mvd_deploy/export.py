@@ -154,7 +154,7 @@ def export_build(
         records, checks, written = {}, {}, []
         order = sorted(components, key=EXPORT_ORDER.index)
         for name in order:
-            # the last (the UNet) waits for the others' validations before its forward, the export's largest
+            # the last (the UNet when it is exported) waits for the others' checks before its forward
             earlier = list(checks.values()) if name == order[-1] else []
             records[name], check = _export_component(
                 pipeline, name, inputs[name], precision, threshold, tmp, earlier=earlier
