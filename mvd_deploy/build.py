@@ -64,6 +64,18 @@ class Graph:
     outputs: list[dict]
 
 
+def _check_not_hard_linked(data: Path) -> None:
+    """onnx refuses to read external weights through a file with several hard links (a guard against
+    hard-link attacks), with a traceback deep in a compile: say so first, naming the file."""
+    with contextlib.suppress(FileNotFoundError):
+        links = data.stat().st_nlink
+        if links > 1:
+            raise MvdError(
+                f"{data}: has {links} hard links, and onnx reads no weights through a hard-linked file; "
+                "give the build its own copy (cp without -l, or cp --remove-destination)"
+            )
+
+
 class Build:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -82,13 +94,20 @@ class Build:
         return self.manifest.get("components", {})
 
     def onnx_path(self, component: str) -> Path:
-        return self.path / self.components[component]["onnx"]
+        """The component's exported model, its weights file checked readable by onnx."""
+        record = self.components[component]
+        if record.get("data"):
+            _check_not_hard_linked(self.path / record["data"])
+        return self.path / record["onnx"]
 
     def graphs(self, component: str) -> list[Graph]:
         """The graphs that make ``component``: its parts in order when the build holds parts, else the
         whole exported model."""
         record = self.components[component]
         entries = record.get("parts", {}).get("graphs") or [dict(record, name=component)]
+        for entry in entries:
+            if entry.get("data"):
+                _check_not_hard_linked(self.path / entry["data"])
         return [
             Graph(
                 component=component,

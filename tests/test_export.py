@@ -1,6 +1,7 @@
 """ONNX export, the ort-cpu backend (compile, int8, profile), and their refusals — on the tiny recipe."""
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -291,6 +292,20 @@ def test_export_refusals(tiny_checkpoint, tmp_path):
         assert result.exit_code == 2, result.output
         assert message in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "b").exists()
+
+
+def test_a_hard_linked_weights_file_is_refused_in_one_line(tiny_build, tmp_path):
+    """onnx reads no external weights through a file with several hard links (a build copied with
+    `cp -al`): compile names the file instead of failing deep inside with a traceback."""
+    build = tmp_path / "linked"
+    build.mkdir()
+    for f in tiny_build.iterdir():
+        if f.is_file():
+            (shutil.copy2 if f.name == "build.json" else os.link)(f, build / f.name)
+    result = CliRunner().invoke(main, ["compile", str(build), "--target", "ort-cpu"])
+    assert result.exit_code == 2, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {build}/") and "hard links" in last and "Traceback" not in result.stderr
 
 
 def test_simplify_never_loads_the_weights_and_keeps_outputs(tiny_build, tmp_path):
