@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mvd_deploy.errors import MvdError
-from mvd_deploy.ort_worker import compiled_session
+from mvd_deploy.ort_worker import compiled_session, worker_env
 
 # The x86 features that decide which int8 and fp32 kernels ONNX Runtime (MLAS) picks on this CPU.
 KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
@@ -117,7 +117,8 @@ def run_on_emulated_cpu(cpu: str, jobs: list[tuple[Path, dict[str, np.ndarray]]]
         (Path(tmp) / "jobs.json").write_text(json.dumps(spec))
         command = [EMULATOR, "-cpu", cpu, sys.executable, "-m", "mvd_deploy.cpu", f"{tmp}/jobs.json"]
         reports = []
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True) as worker:
+        # worker_env: the session ``generate`` makes (qemu passes its environment on to the program it runs)
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=worker_env()) as worker:
             try:
                 for line in worker.stdout:
                     if not line.startswith("{"):  # a library's own print

@@ -40,7 +40,7 @@ from mvd_deploy.deploy import deploy_checkpoint
 from mvd_deploy.device_profiles import Chipset, resolve_target
 from mvd_deploy.errors import MvdError
 from mvd_deploy.metrics import peak_rss_mb
-from mvd_deploy.ort_worker import compiled_session
+from mvd_deploy.ort_worker import run_worker
 from mvd_deploy.pipeline import PipelineContract, load_image, make_inputs, run_pipeline, run_reference
 from mvd_deploy.progress import Stages
 
@@ -90,18 +90,20 @@ def compiled_form(build: Build, target: str, form: str | None, offline: bool = F
 
 
 def ort_runner(build: Build, record: dict, seconds: dict[str, dict[str, float]]):
-    """Run a component with its compiled ONNX model; one session at a time (freed after its call), so
-    the peak memory is the largest component's, not the sum. ``seconds``: load and run, per component."""
+    """Run a component with its compiled ONNX model in a worker process, as ``profile`` measures it
+    (mvd_deploy.ort_worker): one session at a time, its memory returned when the worker exits, so the
+    peak is the largest component's, not the sum. ``seconds``: load, run and the worker's peak RSS."""
     directory = build.path / record["directory"]
 
     def run(name: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        start = time.perf_counter()
-        session = compiled_session(str(directory / record["components"][name]["onnx"]))
-        loaded = time.perf_counter()
-        wanted = {i.name for i in session.get_inputs()}
-        output = session.run(None, {k: v.numpy().astype(np.float32) for k, v in feeds.items() if k in wanted})[0]
-        seconds[name] = {"load": loaded - start, "run": time.perf_counter() - loaded}
-        return torch.from_numpy(output)
+        model = directory / record["components"][name]["onnx"]
+        with tempfile.TemporaryDirectory(prefix="mvd-generate-") as tmp:
+            inputs, output = Path(tmp) / "inputs.npz", Path(tmp) / "output.npy"
+            np.savez(inputs, **{k: v.numpy().astype(np.float32) for k, v in feeds.items()})
+            report = run_worker(["run", str(model), str(inputs), str(output)], failure=f"{model}: ONNX Runtime failed")
+            result = torch.from_numpy(np.load(output))
+        seconds[name] = {"load": report["load_s"], "run": report["run_s"], "peak_rss_mb": report["peak_memory_mb"]}
+        return result
 
     return run
 
@@ -224,6 +226,8 @@ def generate_video(
         "total_seconds": round(sum(s["run"] for s in seconds.values()), 3),
         "total_with_load_seconds": round(sum(s["run"] + s["load"] for s in seconds.values()), 3),
     }
+    if any("peak_rss_mb" in s for s in seconds.values()):  # ort-cpu: each component's own worker process
+        report["component_peak_rss_mb"] = {name: s["peak_rss_mb"] for name, s in seconds.items()}
     if reference:
         with stages.stage("PyTorch reference pipeline on the same inputs"):
             report["reference"] = _reference(build, inputs, result)
@@ -273,6 +277,7 @@ def format_generate(r: dict) -> str:
     lines.append(
         f"  {'total':<14} {r['total_seconds'] * 1000:10.1f} ms   (with loads {r['total_with_load_seconds']:.1f} s)  "
         f"peak RSS {r['peak_rss_mb']:.0f} MB"
+        + (f" (its workers: {max(r['component_peak_rss_mb'].values()):.0f} MB)" if "component_peak_rss_mb" in r else "")
     )
     if "reference" in r:
         lines.append(f"  video PSNR against the PyTorch reference: {r['reference']['psnr_db']} dB")

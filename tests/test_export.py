@@ -450,7 +450,7 @@ def test_profile_worker_reports_its_own_peak_memory(tiny_compiled_build, tmp_pat
     inputs = tmp_path / "inputs.npz"
     np.savez(inputs, **Build(tiny_compiled_build).random_inputs("decoder", VALIDATION_SEED))
     model = tiny_compiled_build / "compiled" / "ort-cpu" / "fp32" / "decoder.onnx"
-    command = [sys.executable, "-m", "mvd_deploy.ort_worker", str(model), str(inputs), "1", "1"]
+    command = [sys.executable, "-m", "mvd_deploy.ort_worker", "profile", str(model), str(inputs), "1", "1"]
     measured = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
     assert 0 < measured["peak_memory_mb"] < 1024 < ballast.nbytes / 2**20  # the tiny decoder: ~100 MB
 

@@ -252,6 +252,9 @@ def test_generate_writes_a_video_that_decodes_back(generated):
     # every component ran, timed, in the pipeline's order
     assert list(report["seconds"]) == ["image_encoder", "vae_encoder", "unet", "decoder"]
     assert report["total_seconds"] == pytest.approx(sum(report["seconds"].values()), abs=2e-3)
+    # each in its own worker process, which reports its own peak memory (the tiny models': ~100 MB)
+    assert list(report["component_peak_rss_mb"]) == list(report["seconds"])
+    assert all(0 < mb < 1024 for mb in report["component_peak_rss_mb"].values())
     # the video is not blank: the frames vary (random weights still give texture)
     assert frames.std() > 1.0
 

@@ -14,12 +14,9 @@ warm-up, N timed calls, and one profiled call for the op table.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -52,6 +49,7 @@ from mvd_deploy.onnx_tools import (
     ort_session,
     quiet_ort_quantizer,
 )
+from mvd_deploy.ort_worker import run_worker
 from mvd_deploy.progress import Stages
 
 logger = logging.getLogger(__name__)
@@ -315,15 +313,9 @@ def _quantize(build: Build, name: str, form: str, source: Path, out: Path, optio
 def _profile_in_worker(build: Build, component: str, model: Path, runs: int, threads: int) -> dict:
     inputs_path = model.parent / f".{component}-profile-inputs.npz"
     np.savez(inputs_path, **build.random_inputs(component, VALIDATION_SEED))
-    command = [sys.executable, "-m", "mvd_deploy.ort_worker", str(model), str(inputs_path), str(runs)]
     quiet = not logger.isEnabledFor(logging.INFO)  # the worker's bar follows this module's progress lines
-    command += [str(threads)] + ([] if quiet else ["--progress"])
     try:
-        # Not quiet: the worker's stderr (its progress bar, any error) goes straight to the terminal.
-        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE if quiet else None, text=True)
+        args = ["profile", str(model), str(inputs_path), str(runs), str(threads)] + ([] if quiet else ["--progress"])
+        return run_worker(args, failure=f"{model}: ONNX Runtime profiling failed", quiet=quiet)
     finally:
         inputs_path.unlink(missing_ok=True)
-    if proc.returncode != 0:
-        last = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}; its error is above"]
-        raise MvdError(f"{model}: ONNX Runtime profiling failed ({last[0]})")
-    return json.loads(proc.stdout)
