@@ -308,6 +308,7 @@ def summarize_cpu_forms(manifest: dict, compiled: dict, profiles: dict, eager: d
                 "peak_memory_gb": round(peak_mb * 2**20 / 1e9, 2),
                 "weights_gb": round(unet_bytes / 1e9, 2),
                 "peak_over_weights": round(peak_mb * 2**20 / unet_bytes, 2),
+                "allocator": unet.get("allocator"),  # arena, or glibc-mmap (ort_worker.worker_env)
                 "gflop_per_s": round(unet_flops / (ms / 1000) / 1e9, 1),
                 "share_of_gemm_rate": round(unet_flops / (ms / 1000) / 1e9 / eager["gemm_gflops"], 3),
                 "goal": (

@@ -2,7 +2,8 @@
 
 The image is checked first (missing, unreadable, an unsupported mode or too small: one line, exit 2,
 nothing written); then the four components of the chosen compiled form run one at a time, in the
-steps of mvd_deploy.pipeline — ort-cpu forms with ONNX Runtime on the CPU, offline QNN forms
+steps of mvd_deploy.pipeline — ort-cpu forms with ONNX Runtime on the CPU (each component in a worker
+process, mvd_deploy.ort_worker, as ``profile`` measures it), offline QNN forms
 (``offline``) as their QNN context binaries on the HTP emulator for the profile's SoC, AI Hub forms as
 inference jobs on the compile's phone; the MP4 (imageio's bundled ffmpeg, through diffusers'
 ``export_to_video``), an animated GIF preview and optionally the frames as PNGs are written into a
