@@ -316,13 +316,8 @@ class BackgroundValidation(BackgroundTask):
     def __init__(self, name: str, stages: Stages, path: Path, inputs, reference: np.ndarray, threshold: float):
         import onnxruntime as ort
 
-        self._name, self._stages, self._path, self._reference, self._threshold = (
-            name,
-            stages,
-            path,
-            reference,
-            threshold,
-        )
+        self._name, self._stages, self._path = name, stages, path
+        self._reference, self._threshold = reference, threshold
         self._feeds = {k: v.numpy() for k, v in inputs.items()}
         self._run_options = ort.RunOptions()
         super().__init__()
