@@ -119,20 +119,22 @@ def test_an_error_stops_a_validation_under_way(tmp_path):
     from mvd_deploy.export import BackgroundValidation
     from mvd_deploy.progress import Stages
 
-    # 400 chained 1024x1024 products (860 GFLOP): seconds of ONNX Runtime work, stoppable between nodes
+    # 400 chained 2048x2048 products (6.9 TFLOP): over a second of ONNX Runtime work even on a large
+    # machine (the check must still be running at the error), stoppable between nodes
+    n = 2048
     nodes = [helper.make_node("MatMul", [f"x{i}", "w"], [f"x{i + 1}"]) for i in range(400)]
-    weight = numpy_helper.from_array(np.eye(1024, dtype=np.float32), "w")
+    weight = numpy_helper.from_array(np.eye(n, dtype=np.float32), "w")
     graph = helper.make_graph(
         nodes,
         "chain",
-        [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1024, 1024])],
-        [helper.make_tensor_value_info("x400", TensorProto.FLOAT, [1024, 1024])],
+        [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("x400", TensorProto.FLOAT, [n, n])],
         [weight],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "chain.onnx")
-    inputs = {"x0": torch.ones(1024, 1024)}
+    inputs = {"x0": torch.ones(n, n)}
     stages = Stages(1, __import__("logging").getLogger("test"))
-    reference = np.ones((1024, 1024), np.float32)
+    reference = np.ones((n, n), np.float32)
     with pytest.raises(OSError, match="No space left"):
         with BackgroundValidation("chain", stages, tmp_path / "chain.onnx", inputs, reference, 0.0) as check:
             time.sleep(0.2)  # under way
